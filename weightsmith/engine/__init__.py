@@ -1,0 +1,1 @@
+"""The streaming engine: block by block, statistics hooks, true-sequential scheduling."""

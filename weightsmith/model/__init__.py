@@ -1,0 +1,1 @@
+"""Checkpoints on disk (lazy, tensor by tensor), generic block discovery, atomic output."""

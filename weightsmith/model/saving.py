@@ -1,0 +1,95 @@
+"""Output written shard by shard into a temporary directory that is renamed into place at the end."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import WeightsmithError
+
+
+class AtomicDir:
+    """``with AtomicDir(out, overwrite) as tmp:`` — write into ``tmp``; ``out`` appears only on success."""
+
+    def __init__(self, out: str | Path, overwrite: bool = False):
+        self.out = Path(out)
+        self.overwrite = overwrite
+        if self.out.exists() and not overwrite:
+            raise WeightsmithError(f"output {self.out} already exists (pass --overwrite to replace it)")
+        parent = self.out.parent
+        if not parent.exists():
+            raise WeightsmithError(f"output directory's parent {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise WeightsmithError(f"cannot write to {parent} (permission denied)")
+        self.tmp = parent / f".{self.out.name}.tmp-{os.getpid()}"
+
+    def check_space(self, needed: int) -> None:
+        free = shutil.disk_usage(self.out.parent).free
+        if free < needed:
+            raise WeightsmithError(f"not enough disk space in {self.out.parent}: need {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise WeightsmithError(f"disk full while writing {self.out}; nothing was left behind") from None
+            return False
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+class ShardWriter:
+    """Writes ``model-0000k-of-0000n.safetensors`` shards and the index that maps keys to them."""
+
+    def __init__(self, out: Path, n_shards: int):
+        self.out, self.n = out, n_shards
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def shard_name(self, k: int) -> str:
+        return f"model-{k + 1:05d}-of-{self.n:05d}.safetensors"
+
+    def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        name = self.shard_name(k)
+        tensors = {key: t.detach().contiguous().cpu() for key, t in tensors.items()}
+        _save(tensors, self.out / name)
+        for key, t in tensors.items():
+            self.weight_map[key] = name
+            self.total += t.numel() * t.element_size()
+
+    def finish(self) -> None:
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise
+        raise WeightsmithError(f"cannot write {path}: {e.strerror}") from None
+    except Exception as e:  # safetensors wraps I/O errors in its own type
+        if "No space left" in str(e):
+            raise OSError(errno.ENOSPC, "No space left on device") from None
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    _save({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, path)

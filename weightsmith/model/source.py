@@ -1,0 +1,194 @@
+"""A float checkpoint read lazily, tensor by tensor, from its safetensors shards.
+
+A Hugging Face directory is read in place; a ``.gguf`` file is dequantized once by transformers
+into a temporary float32 directory (removed by :meth:`CheckpointSource.close`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from dataclasses import dataclass
+
+from ..errors import WeightsmithError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+
+
+class CheckpointSource:
+    def __init__(self, path: str | Path):
+        p = Path(path)
+        self.origin = p
+        self._tmp: Path | None = None
+        if not p.exists():
+            raise WeightsmithError(f"model path {p} does not exist")
+        if p.is_file():
+            if p.suffix != ".gguf":
+                raise WeightsmithError(f"{p} is a file but not a .gguf; pass a Hugging Face model directory or a .gguf file")
+            p = self._convert_gguf(p)
+        if not (p / "config.json").is_file():
+            raise WeightsmithError(f"{p} has no config.json: not a Hugging Face model directory")
+        self.dir = p
+        self.config_dict = _read_json(p / "config.json")
+        self.index = self._build_index(p)
+
+    # ---- reading -------------------------------------------------------------------------------
+    @staticmethod
+    def _build_index(p: Path) -> dict[str, "_Entry"]:
+        idx_file = p / "model.safetensors.index.json"
+        if idx_file.is_file():
+            weight_map = _read_json(idx_file).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise WeightsmithError(f"{idx_file} has no weight_map")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f.name for f in p.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            if any(p.glob("*.bin")) or any(p.glob("*.pt")):
+                raise WeightsmithError(f"{p} holds only pickle weights (*.bin); weightsmith reads safetensors only (pickles are unsafe to load)")
+            raise WeightsmithError(f"{p} has no *.safetensors weights")
+        index: dict[str, _Entry] = {}
+        for name in files:
+            f = p / name
+            if not f.is_file():
+                raise WeightsmithError(f"shard {f} listed in the index is missing")
+            index.update(_read_header(f))
+        if weight_map is not None:
+            missing = [k for k, v in weight_map.items() if k not in index or index[k].file.name != v]
+            if missing:
+                raise WeightsmithError(f"index lists {missing[0]} in {weight_map[missing[0]]} but that shard lacks it")
+        return index
+
+    def keys(self) -> list[str]:
+        return list(self.index)
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor with plain file reads (no memory map: resident memory stays what we use)."""
+        e = self.index[key]
+        n = e.end - e.start
+        buf = bytearray(n)
+        try:
+            with open(e.file, "rb") as fh:
+                fh.seek(e.offset + e.start)
+                if fh.readinto(buf) != n:
+                    raise WeightsmithError(f"corrupt safetensors file {e.file}: tensor {key} is truncated")
+        except OSError as err:
+            raise WeightsmithError(f"cannot read {e.file}: {err.strerror}") from None
+        if n == 0:
+            return torch.empty(e.shape, dtype=e.dtype)
+        return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.index[key].dtype
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.index[key].shape
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in {e.file for e in self.index.values()})
+
+    def aux_files(self) -> list[Path]:
+        """Everything but weights, indexes and reports: config, tokenizer, generation config, templates."""
+        out = []
+        for f in sorted(self.dir.iterdir()):
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".index.json") and f.name != "report.json":
+                out.append(f)
+        return out
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- GGUF ----------------------------------------------------------------------------------
+    def _convert_gguf(self, f: Path) -> Path:
+        tmp = Path(tempfile.mkdtemp(prefix="weightsmith-gguf-"))
+        self._tmp = tmp
+        try:
+            gguf_to_hf(f, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._tmp = None
+            raise
+        return tmp
+
+
+def gguf_to_hf(f: Path, dest: Path) -> None:
+    """Dequantize a GGUF checkpoint through transformers into a float32 HF directory ``dest``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s to a float32 checkpoint", f.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
+        model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - the gguf reader raises many types
+        raise WeightsmithError(f"cannot read GGUF file {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(dest))
+    tok.save_pretrained(str(dest))
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsmithError(f"{p} is not valid JSON: {e}") from None
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    offset: int  # start of the data section
+    start: int
+    end: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _read_header(f: Path) -> dict[str, _Entry]:
+    """Parse a safetensors header and check the file holds all the data it promises."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            raw = fh.read(8)
+            n = int.from_bytes(raw, "little")
+            if len(raw) < 8 or n <= 0 or n > min(size - 8, 100 * 2**20):
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+        out = {}
+        end = 0
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            if v["dtype"] not in _DTYPES:
+                raise ValueError(f"unsupported dtype {v['dtype']} for {k}")
+            s, e = v["data_offsets"]
+            out[k] = _Entry(f, 8 + n, s, e, _DTYPES[v["dtype"]], tuple(v["shape"]))
+            end = max(end, e)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise WeightsmithError(f"corrupt safetensors file {f}: {str(e).splitlines()[0] if str(e) else 'unreadable header'}") from None
+    if size < 8 + n + end:
+        raise WeightsmithError(f"corrupt safetensors file {f}: truncated ({size} bytes, header promises {8 + n + end})")
+    return out

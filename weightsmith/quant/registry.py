@@ -1,0 +1,64 @@
+"""One registry of layer algorithms, keyed by name; the engine only ever talks to this interface.
+
+An algorithm module defines a typed config class (a pydantic model whose ``name`` field is a
+``Literal`` with the registry key) and a function ``quantize(W, H, grid, cfg) -> QuantResult``
+and registers both with :func:`register`. The engine hands every algorithm the same inputs: the
+layer weight as an ``(out, in)`` float32 matrix and the input statistics ``H = XᵀX / N``
+(float32, shared by layers that read the same input), and writes back what it returns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import WeightsmithError
+
+
+@dataclass
+class QuantResult:
+    """What an algorithm returns for one weight matrix (rows of several layers may be stacked)."""
+
+    weight: torch.Tensor  # (out, in) float32, dequantized: every value lies on the grid
+    scale: torch.Tensor  # (out, n_groups) float32
+    zero: torch.Tensor  # (out, n_groups) float32 holding integers in [0, 2**bits - 1]
+    g_idx: torch.Tensor  # (in,) int32: the group of each input column
+    info: dict = field(default_factory=dict)  # e.g. {"damp": 0.01}
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    config_cls: type
+    quantize: Callable  # (W, H, grid, cfg) -> QuantResult
+    needs_hessian: bool
+    doc: str
+
+
+_REGISTRY: dict[str, Algorithm] = {}
+
+
+def register(name: str, config_cls: type, *, needs_hessian: bool):
+    def deco(fn):
+        _REGISTRY[name] = Algorithm(name, config_cls, fn, needs_hessian, (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def get(name: str) -> Algorithm:
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise WeightsmithError(f"unknown method {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    from . import gptq, rtn  # noqa: F401  (modules register themselves on import)
