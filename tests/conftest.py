@@ -1,0 +1,97 @@
+"""Pico models built from config (random weights, a few KB) for every architecture family the engine
+must handle, plus a word-level tokenizer and generated text. Real weights are in test_smollm2.py."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+WORDS = [f"w{i}" for i in range(200)] + [".", ","]
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[CLS]", "[SEP]", "[MASK]"]
+VOCAB = len(SPECIALS) + len(WORDS)
+
+
+def make_text(n_words: int, seed: int = 0) -> str:
+    """Text with some structure (a random walk over the word list) so that models see real statistics."""
+    rng = random.Random(seed)
+    i, out = 0, []
+    for _ in range(n_words):
+        i = (i + rng.choice([-2, -1, 1, 1, 2, 3])) % len(WORDS)
+        out.append(WORDS[i])
+    return " ".join(out)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=4096)
+
+
+H, I, L = 64, 128, 2  # hidden, intermediate, blocks
+
+
+def pico_config(arch: str, layers: int = L, hidden: int = H, inter: int = I):
+    common = dict(vocab_size=VOCAB)
+    if arch == "llama":
+        return transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+                                        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+                                        num_key_value_heads=2, max_position_embeddings=512, **common)
+    if arch == "mistral":
+        return transformers.MistralConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+                                          num_key_value_heads=2, max_position_embeddings=512, **common)
+    if arch == "opt":
+        return transformers.OPTConfig(hidden_size=hidden, ffn_dim=inter, num_hidden_layers=layers, num_attention_heads=4,
+                                      max_position_embeddings=512, word_embed_proj_dim=hidden, **common)
+    if arch == "gpt2":
+        return transformers.GPT2Config(n_embd=hidden, n_inner=inter, n_layer=layers, n_head=4, n_positions=512, **common)
+    if arch == "bert":
+        return transformers.BertConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+                                       max_position_embeddings=512, **common)
+    raise ValueError(arch)
+
+
+CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM", "opt": "OPTForCausalLM",
+           "gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM"}
+
+
+def save_pico(path: Path, arch: str = "llama", seed: int = 0, **kw) -> Path:
+    torch.manual_seed(seed)
+    model = getattr(transformers, CLASSES[arch])(pico_config(arch, **kw)).eval()
+    with torch.no_grad():  # larger-than-default weights so that quantization error is visible
+        for n, p in model.named_parameters():
+            if p.ndim == 2 and "emb" not in n and "wte" not in n and "wpe" not in n:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def calib_ids(n: int = 16, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    tok = make_tokenizer()
+    ids = tok(make_text(n * seqlen + 200, seed), return_tensors="pt").input_ids[0]
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen - 1, (n,), generator=g)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+@pytest.fixture
+def pico(tmp_path):
+    def make(arch="llama", **kw):
+        return save_pico(tmp_path / f"pico-{arch}", arch, **kw)
+    return make
+
+
+@pytest.fixture
+def calib_file(tmp_path) -> Path:
+    p = tmp_path / "calib.txt"
+    p.write_text(make_text(6000, seed=3), encoding="utf-8")
+    return p

@@ -1,0 +1,113 @@
+"""The algorithms as pure functions on small real inputs: grid, RTN, clip search, GPTQ."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weightsmith.config import GridConfig
+from weightsmith.quant.grid import dequantize_groups, fake_quant, find_params, grouped_params, relative_error
+from weightsmith.quant.gptq import gptq_quantize, inverse_cholesky
+from weightsmith.quant.rtn import rtn_quantize
+
+
+def correlated_inputs(n=2048, d=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5
+    x = torch.randn(n, d, generator=g) @ mix + 0.5 * torch.randn(d, generator=g)
+    x[:, :4] *= 8  # a few outlier channels, as in real activations
+    return x
+
+
+@pytest.fixture
+def layer():
+    x = correlated_inputs()
+    w = torch.randn(48, x.shape[1], generator=torch.Generator().manual_seed(1)) * 0.05
+    return w, x.t() @ x / x.shape[0], x
+
+
+def test_relative_error_matches_activations(layer):
+    w, h, x = layer
+    q = rtn_quantize(w, GridConfig(bits=3, group_size=32)).weight
+    direct = ((x @ (w - q).t()) ** 2).sum() / ((x @ w.t()) ** 2).sum()
+    assert relative_error(q - w, w, h) == pytest.approx(float(direct), rel=1e-4)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rtn_lies_on_grid_and_is_nearest(bits, sym):
+    w = torch.randn(16, 40, generator=torch.Generator().manual_seed(bits))
+    grid = GridConfig(bits=bits, group_size=16, sym=sym)  # 40 = 16 + 16 + 8: group size need not divide
+    r = rtn_quantize(w, grid)
+    assert r.scale.shape == (16, 3) and r.g_idx.tolist() == [0] * 16 + [1] * 16 + [2] * 8
+    codes = torch.round(r.weight / r.scale[:, r.g_idx.long()] + r.zero[:, r.g_idx.long()])
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    assert torch.equal(dequantize_groups(r.weight, r.scale, r.zero, r.g_idx, bits), r.weight)
+    # no other grid point of the same group is closer than the chosen one (up to clamping)
+    step = r.scale[:, r.g_idx.long()]
+    assert ((r.weight - w).abs() <= step / 2 + 1e-6).float().mean() > 0.95
+    if sym:
+        assert torch.all(r.zero == 2 ** (bits - 1))
+
+
+def test_clip_search_lowers_weight_mse():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    w[:, 0] *= 6  # heavy tails make clipping worthwhile
+    plain = rtn_quantize(w, GridConfig(bits=3, group_size=64)).weight
+    clipped = rtn_quantize(w, GridConfig(bits=3, group_size=64, clip_search=True)).weight
+    assert ((clipped - w) ** 2).sum() < 0.9 * ((plain - w) ** 2).sum()
+
+
+@pytest.mark.parametrize("act_order,static", [(False, False), (False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("gs,sym", [(32, True), (40, False), (-1, True)])
+def test_gptq_beats_rtn_and_stays_on_its_grid(layer, act_order, static, gs, sym):
+    w, h, _ = layer
+    grid = GridConfig(bits=4, group_size=gs, sym=sym)
+    r = gptq_quantize(w, h, grid, act_order=act_order, static_groups=static)
+    e_gptq = relative_error(r.weight - w, w, h)
+    e_rtn = relative_error(rtn_quantize(w, grid).weight - w, w, h)
+    assert e_gptq < 0.75 * e_rtn
+    assert torch.equal(dequantize_groups(r.weight, r.scale, r.zero, r.g_idx, 4), r.weight)
+    n_groups = 1 if gs == -1 else -(-w.shape[1] // gs)
+    assert r.scale.shape == (w.shape[0], n_groups)
+    assert sorted(torch.bincount(r.g_idx.long()).tolist()) == sorted(torch.bincount(torch.arange(w.shape[1]) // (w.shape[1] if gs == -1 else gs)).tolist())
+    assert r.info["damp"] == 0.01 and not r.info["damp_escalated"]
+
+
+def test_gptq_dead_inputs_get_zero_weight(layer):
+    w, h, _ = layer
+    h = h.clone()
+    h[5, :] = 0
+    h[:, 5] = 0
+    r = gptq_quantize(w, h, GridConfig(bits=4, group_size=32))
+    assert r.info["dead_columns"] == 1
+    assert torch.all(r.weight[:, 5] == 0)
+    assert torch.isfinite(r.weight).all()
+
+
+def test_damping_escalates_on_indefinite_hessian(layer):
+    w, h, _ = layer
+    evals, evecs = torch.linalg.eigh(h.double())
+    evals[0] = -0.05 * evals.mean()  # not positive semi-definite: 1% damping cannot fix it
+    bad = (evecs @ torch.diag(evals) @ evecs.t()).float()
+    u, lam = inverse_cholesky(bad, 0.01)
+    assert u is not None and lam == pytest.approx(0.1)
+    r = gptq_quantize(w, bad, GridConfig(bits=4, group_size=32))
+    assert r.info["damp_escalated"] and r.info["damp"] == pytest.approx(0.1)
+    assert torch.isfinite(r.weight).all()
+
+
+def test_hopeless_hessian_falls_back_to_rtn(layer):
+    w, _, _ = layer
+    bad = -torch.eye(w.shape[1])  # negative definite: no damping up to 100% of the mean diagonal helps
+    r = gptq_quantize(w, bad, GridConfig(bits=4, group_size=32))
+    assert "rtn" in r.info["fallback"]
+    assert torch.equal(r.weight, rtn_quantize(w, GridConfig(bits=4, group_size=32)).weight)
+
+
+def test_find_params_handles_zero_rows():
+    w = torch.zeros(3, 8)
+    s, z = find_params(w, GridConfig(bits=4, group_size=8, sym=False))
+    assert torch.isfinite(s).all() and (s > 0).all()
+    assert torch.equal(fake_quant(w, s, z, 4), w)
+    s, z = grouped_params(w, GridConfig(bits=4, group_size=8))[:2]
+    assert (s > 0).all()
