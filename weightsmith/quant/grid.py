@@ -62,26 +62,26 @@ def find_params(w: torch.Tensor, grid: GridConfig) -> tuple[torch.Tensor, torch.
     return scale, zero
 
 
-def group_bounds(in_features: int, group_size: int) -> list[tuple[int, int]]:
-    """Column ranges of the groups; the last group is shorter when ``group_size`` does not divide."""
-    gs = in_features if group_size == -1 else group_size
-    return [(a, min(a + gs, in_features)) for a in range(0, in_features, gs)]
-
-
 def grouped_params(w: torch.Tensor, grid: GridConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Static per-group parameters of ``w`` in its natural column order.
 
-    Returns ``scale``, ``zero`` of shape (rows, n_groups) and ``g_idx`` (cols,) int32.
+    Returns ``scale``, ``zero`` of shape (rows, n_groups) and ``g_idx`` (cols,) int32. All full
+    groups are solved at once (each group is a row of a reshaped view); a shorter last group, when
+    the group size does not divide the width, separately.
     """
-    bounds = group_bounds(w.shape[1], grid.group_size)
+    rows, cols = w.shape
+    gs = cols if grid.group_size == -1 else grid.group_size
+    full = cols // gs
     scales, zeros = [], []
-    for a, b in bounds:
-        s, z = find_params(w[:, a:b], grid)
+    if full:
+        s, z = find_params(w[:, : full * gs].reshape(rows * full, gs), grid)
+        scales.append(s.reshape(rows, full))
+        zeros.append(z.reshape(rows, full))
+    if cols % gs:
+        s, z = find_params(w[:, full * gs :], grid)
         scales.append(s)
         zeros.append(z)
-    g_idx = torch.empty(w.shape[1], dtype=torch.int32, device=w.device)
-    for g, (a, b) in enumerate(bounds):
-        g_idx[a:b] = g
+    g_idx = (torch.arange(cols, device=w.device) // gs).to(torch.int32)
     return torch.cat(scales, 1), torch.cat(zeros, 1), g_idx
 
 
