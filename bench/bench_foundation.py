@@ -28,6 +28,8 @@ METHODS = {
     "GPTQ": ["--method", "gptq", "--no-act-order"],
     "GPTQ+act-order": ["--method", "gptq", "--act-order"],
 }
+# the memory-lean schedule, at the configuration the peer runs
+EXTRA = {"GPTQ+act-order --low-memory@W4 g64": ["--bits", "4", "--group-size", "64", "--method", "gptq", "--act-order", "--low-memory"]}
 
 
 def main() -> None:
@@ -41,13 +43,13 @@ def main() -> None:
     work = CACHE / a.tag
     work.mkdir(parents=True, exist_ok=True)
     runs = {}
-    for gname, gflags in GRIDS.items():
-        for mname, mflags in METHODS.items():
-            name = f"{mname}@{gname}"
+    plan = {f"{m}@{g}": (m, g, [*gf, *mf]) for g, gf in GRIDS.items() for m, mf in METHODS.items()}
+    plan.update({n: (n.split("@")[0], n.split("@")[1], f) for n, f in EXTRA.items()})
+    for name, (mname, gname, flags) in plan.items():
             if a.only and name not in a.only:
                 continue
             out = work / re.sub(r"[^A-Za-z0-9]+", "_", name)
-            args = ["quantize", str(float_dir), str(out), "--calib", str(CALIB), "--overwrite", "--quiet", *gflags, *mflags, *a.extra]
+            args = ["quantize", str(float_dir), str(out), "--calib", str(CALIB), "--overwrite", "--quiet", *flags, *a.extra]
             print(f"== {name}: weightsmith {' '.join(args)}", file=sys.stderr, flush=True)
             run_cli(args, work / f"{out.name}.log")
             rep = json.loads((out / "report.json").read_text())

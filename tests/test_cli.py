@@ -15,6 +15,7 @@ from conftest import make_text
 
 
 def run(argv, capsys):
+    capsys.readouterr()  # drop what fixtures printed
     code = main(argv)
     out, err = capsys.readouterr()
     return code, out, err
@@ -88,7 +89,7 @@ def test_bad_inputs(pico, tmp_path, capsys):
         (["eval", str(tmp_path / "missing"), "--text", str(short)], "does not exist"),
     ]
     for argv, msg in cases:
-        code, _, err = run([*argv[:1], "--quiet", *argv[1:]] if False else [*argv, "--quiet"], capsys)
+        code, _, err = run([*argv, "--quiet"], capsys)
         assert code == 2, (argv, err)
         assert msg in err, (argv, err)
         assert err.startswith("error: ") and err.count("\n") == 1, err

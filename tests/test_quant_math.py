@@ -111,3 +111,16 @@ def test_find_params_handles_zero_rows():
     assert torch.equal(fake_quant(w, s, z, 4), w)
     s, z = grouped_params(w, GridConfig(bits=4, group_size=8))[:2]
     assert (s > 0).all()
+
+
+def test_coarse_to_fine_clip_search_matches_exhaustive(monkeypatch):
+    import weightsmith.quant.grid as G
+
+    w = torch.randn(2048, 64, generator=torch.Generator().manual_seed(3))
+    w[:, 0] *= 4
+    grid = GridConfig(bits=3, group_size=64, clip_search=True)
+    err = lambda sz: float((fake_quant(w, *sz, 3) - w).abs().pow(2.4).sum())
+    fast = err(find_params(w, grid))
+    monkeypatch.setattr(G, "CLIP_STRIDE", 1)
+    full = err(find_params(w, grid))
+    assert full <= fast <= full * 1.001

@@ -109,6 +109,10 @@ def _calibration(cfg: QuantizeConfig, source: CheckpointSource, lm: LazyModel, c
         raise WeightsmithError(f"cannot load the tokenizer of {source.origin}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
     def load_model():
+        from .eval.loading import model_kind
+
+        if model_kind(lm.config) != "causal":
+            raise WeightsmithError(f"no calibration text given and {source.origin} is not a causal LM that can write its own; pass --calib FILE")
         return AutoModelForCausalLM.from_pretrained(str(source.dir), dtype=torch.float32).eval()
 
     calib = build_calibration(cfg.calib, tok, load_model, progress=progress, vocab_size=vocab)

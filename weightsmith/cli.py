@@ -30,7 +30,8 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     sym = g.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
-    g.add_argument("--clip-search", dest="clip_search", action="store_true", default=None, help="MSE search of the clipping range per group")
+    g.add_argument("--clip-search", dest="clip_search", action=argparse.BooleanOptionalAction, default=None,
+                   help="MSE search of the clipping range per group (default: on for gptq, off for rtn)")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", help="text file, .jsonl with a 'text' field, or directory; omitted: sample text from the model")
     c.add_argument("--nsamples", type=int, help="calibration windows (default 128)")

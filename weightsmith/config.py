@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import WeightsmithError
 
@@ -23,7 +23,7 @@ class GridConfig(Strict):
     bits: int = Field(4, ge=2, le=8)
     group_size: int = Field(64, description="input columns sharing one scale; -1 = one scale per output row")
     sym: bool = Field(True, description="symmetric grid (zero fixed at 2^(bits-1)); False = asymmetric")
-    clip_search: bool = Field(False, description="search a shrink factor of the range per group minimising the Lp error")
+    clip_search: Optional[bool] = Field(None, description="search a shrink factor of the range per group minimising the Lp error; None = the method's default (GPTQ on, RTN off)")
     clip_grid: int = Field(100, ge=2)
     clip_maxshrink: float = Field(0.8, gt=0.0, lt=1.0)
     clip_norm: float = Field(2.4, gt=0.0)
@@ -70,6 +70,14 @@ class QuantizeConfig(Strict):
             raise ValueError("method must be a name or a mapping with a 'name'")
         algo = registry.get(v["name"])
         return algo.config_cls(**v)
+
+    @model_validator(mode="after")
+    def _resolve_defaults(self) -> "QuantizeConfig":
+        if self.grid.clip_search is None:
+            from .quant import registry
+
+            self.grid = self.grid.model_copy(update={"clip_search": registry.get(self.method.name).clip_search})
+        return self
 
     @field_validator("version")
     @classmethod

@@ -84,10 +84,10 @@ class GroupQuantizer:
         W = torch.cat(ws, 0)
         if W.shape[1] < self.cfg.grid.group_size:
             raise WeightsmithError(f"group size {self.cfg.grid.group_size} is larger than the input width {W.shape[1]} of {self.prefix}{g.leader}")
-        res = self.algo.quantize(W, h, self.cfg.grid, self.cfg.method)  # on the compute device
+        rtn = rtn_quantize(W, self.cfg.grid)  # the report's baseline, and the algorithm's static grid
+        res = self.algo.quantize(W, h, self.cfg.grid, self.cfg.method, base=rtn)  # on the compute device
         if not torch.isfinite(res.weight).all():
             raise WeightsmithError(f"{self.cfg.method.name} produced NaN/Inf for {self.prefix}{g.leader}")
-        rtn = rtn_quantize(W, self.cfg.grid)
         secs = (time.perf_counter() - t0) / len(mods)
         a = 0
         for rel, m, w in zip(g.names, mods, ws):

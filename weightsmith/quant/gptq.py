@@ -67,8 +67,12 @@ def gptq_quantize(
     static_groups: bool = True,
     damp: float = 0.01,
     block_size: int = 128,
+    base: QuantResult | None = None,
 ) -> QuantResult:
-    """Quantize ``w`` (rows, cols) given ``h`` (cols, cols); returns dequantized weights on the grid."""
+    """Quantize ``w`` (rows, cols) given ``h`` (cols, cols); returns dequantized weights on the grid.
+
+    ``base`` (RTN of ``w`` on the same grid) supplies the static group parameters when given.
+    """
     W = w.float().clone()
     rows, cols = W.shape
     H = h.double().clone()
@@ -80,7 +84,7 @@ def gptq_quantize(
     gs = cols if grid.group_size == -1 else grid.group_size
     static = static_groups or grid.group_size == -1
     if static:
-        scale, zero, g_idx = G.grouped_params(W, grid)
+        scale, zero, g_idx = (base.scale, base.zero, base.g_idx) if base is not None else G.grouped_params(W, grid)
 
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
     W = W[:, perm]
@@ -139,9 +143,9 @@ def gptq_quantize(
     return QuantResult(Q, scale, zero, g_idx, {"damp": lam, "damp_escalated": lam > damp * (1 + 1e-9), "dead_columns": n_dead})
 
 
-@register("gptq", GPTQConfig, needs_hessian=True)
-def quantize(w: torch.Tensor, h: torch.Tensor, grid: GridConfig, cfg: GPTQConfig) -> QuantResult:
-    """GPTQ (Frantar et al. 2023) with act-order, static groups and escalating damping."""
+@register("gptq", GPTQConfig, needs_hessian=True, clip_search=True)
+def quantize(w: torch.Tensor, h: torch.Tensor, grid: GridConfig, cfg: GPTQConfig, base: QuantResult | None = None) -> QuantResult:
+    """GPTQ (Frantar et al. 2023) with act-order, static groups, MSE-clipped group scales and escalating damping."""
     return gptq_quantize(
-        w, h, grid, act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp, block_size=cfg.block_size
+        w, h, grid, act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp, block_size=cfg.block_size, base=base
     )

@@ -41,8 +41,11 @@ def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
 def find_params(w: torch.Tensor, grid: GridConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero per row of ``w`` (rows, cols) over all its columns; shapes (rows, 1).
 
-    With ``grid.clip_search`` the range is shrunk by the factor in ``{1, 1-1/n, …, 1-maxshrink}``
-    that minimises ``Σ|fake_quant(w) - w|^p`` per row (p = ``grid.clip_norm``).
+    With ``grid.clip_search`` the range is shrunk by the factor ``p`` in
+    ``{1, 1-1/n, …, 1-maxshrink}`` (n = ``grid.clip_grid``) that minimises
+    ``Σ|fake_quant(w) - w|^norm`` per row. The search is coarse to fine: every
+    ``CLIP_STRIDE``-th factor first, then the factors around each row's best — a third of the
+    work of trying them all, and the same optimum wherever the error is unimodal over a stride.
     """
     w = w.float()
     xmin = torch.clamp(w.min(dim=1, keepdim=True).values, max=0)
@@ -50,16 +53,31 @@ def find_params(w: torch.Tensor, grid: GridConfig) -> tuple[torch.Tensor, torch.
     scale, zero = _range_params(xmin, xmax, grid.bits, grid.sym)
     if not grid.clip_search:
         return scale, zero
+    n = int(grid.clip_maxshrink * grid.clip_grid)  # candidates i = 0..n-1, p = 1 - i/grid
     best = torch.full_like(scale, float("inf"))
-    for i in range(int(grid.clip_maxshrink * grid.clip_grid)):
+    best_i = torch.zeros_like(scale)
+
+    def trial(i: torch.Tensor | float) -> None:
+        nonlocal scale, zero, best, best_i
         p = 1 - i / grid.clip_grid
         s1, z1 = _range_params(p * xmin, p * xmax, grid.bits, grid.sym)
         err = (fake_quant(w, s1, z1, grid.bits) - w).abs_().pow_(grid.clip_norm).sum(dim=1, keepdim=True)
         better = err < best
         best = torch.where(better, err, best)
+        best_i = torch.where(better, torch.as_tensor(i, dtype=best_i.dtype), best_i)
         scale = torch.where(better, s1, scale)
         zero = torch.where(better, z1, zero)
+
+    for i in range(0, n, CLIP_STRIDE):
+        trial(float(i))
+    coarse = best_i.clone()
+    for off in range(-(CLIP_STRIDE - 1), CLIP_STRIDE):
+        if off:
+            trial(torch.clamp(coarse + off, 0, n - 1))
     return scale, zero
+
+
+CLIP_STRIDE = 4
 
 
 def grouped_params(w: torch.Tensor, grid: GridConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,10 +1,12 @@
 """One registry of layer algorithms, keyed by name; the engine only ever talks to this interface.
 
 An algorithm module defines a typed config class (a pydantic model whose ``name`` field is a
-``Literal`` with the registry key) and a function ``quantize(W, H, grid, cfg) -> QuantResult``
+``Literal`` with the registry key) and a function ``quantize(W, H, grid, cfg, base) -> QuantResult``
 and registers both with :func:`register`. The engine hands every algorithm the same inputs: the
-layer weight as an ``(out, in)`` float32 matrix and the input statistics ``H = XᵀX / N``
-(float32, shared by layers that read the same input), and writes back what it returns.
+layer weight as an ``(out, in)`` float32 matrix, the input statistics ``H = XᵀX / N`` (float32,
+shared by layers that read the same input), and ``base``, the round-to-nearest result on the same
+grid (its static group scales, computed once — with clip search that is the costly part — and
+also the report's RTN baseline); it writes back what the algorithm returns.
 """
 from __future__ import annotations
 
@@ -31,17 +33,18 @@ class QuantResult:
 class Algorithm:
     name: str
     config_cls: type
-    quantize: Callable  # (W, H, grid, cfg) -> QuantResult
+    quantize: Callable  # (W, H, grid, cfg, base) -> QuantResult
     needs_hessian: bool
     doc: str
+    clip_search: bool  # the method's default for grid.clip_search
 
 
 _REGISTRY: dict[str, Algorithm] = {}
 
 
-def register(name: str, config_cls: type, *, needs_hessian: bool):
+def register(name: str, config_cls: type, *, needs_hessian: bool, clip_search: bool = False):
     def deco(fn):
-        _REGISTRY[name] = Algorithm(name, config_cls, fn, needs_hessian, (fn.__doc__ or "").strip())
+        _REGISTRY[name] = Algorithm(name, config_cls, fn, needs_hessian, (fn.__doc__ or "").strip(), clip_search)
         return fn
 
     return deco
