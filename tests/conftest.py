@@ -16,28 +16,37 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB = len(SPECIALS) + len(WORDS)
 
 
-def make_text(n_words: int, seed: int = 0) -> str:
+def make_text(n_words: int, seed: int = 0, words: list[str] = WORDS) -> str:
     """Text with some structure (a random walk over the word list) so that models see real statistics."""
     rng = random.Random(seed)
     i, out = 0, []
     for _ in range(n_words):
-        i = (i + rng.choice([-2, -1, 1, 1, 2, 3])) % len(WORDS)
-        out.append(WORDS[i])
+        i = (i + rng.choice([-2, -1, 1, 1, 2, 3])) % len(words)
+        out.append(words[i])
     return " ".join(out)
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+def make_tokenizer(words: list[str] = WORDS, model_max_length: int = 4096) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: one token per whitespace-separated word."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=4096)
+                                   pad_token="<pad>", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_max_length=model_max_length)
 
 
 H, I, L = 64, 128, 2  # hidden, intermediate, blocks
 
 
-def pico_config(arch: str, layers: int = L, hidden: int = H, inter: int = I):
+def pico_config(arch: str, layers: int = L, hidden: int = H, inter: int = I, **overrides):
+    cfg = _pico_config(arch, layers, hidden, inter)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _pico_config(arch: str, layers: int, hidden: int, inter: int):
     common = dict(vocab_size=VOCAB)
     if arch == "llama":
         return transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,

@@ -1,0 +1,28 @@
+"""Random calibration windows cut from one long token stream (the GPTQ-style sampling protocol)."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import WeightsmithError
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` consecutive tokens from the 1-D ``ids``, shape (nsamples, seqlen).
+
+    The protocol, exactly: ``g = torch.Generator().manual_seed(seed)``; for each window in turn
+    ``i = torch.randint(0, n - seqlen - 1, (1,), generator=g).item()`` and the window is
+    ``ids[i:i + seqlen]``.
+    """
+    if ids.dim() != 1:
+        raise WeightsmithError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
+    if nsamples < 1 or seqlen < 1:
+        raise WeightsmithError(f"nsamples and seqlen must be positive (got {nsamples} and {seqlen})")
+    n = ids.numel()
+    if n < seqlen + 2:
+        raise WeightsmithError(f"calibration text has {n} tokens, shorter than one window of {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(nsamples):
+        i = int(torch.randint(0, n - seqlen - 1, (1,), generator=g).item())
+        rows.append(ids[i : i + seqlen])
+    return torch.stack(rows).to(torch.long)

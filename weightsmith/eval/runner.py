@@ -1,0 +1,177 @@
+"""``evaluate``: perplexity of a causal model on text, and its agreement with a reference model.
+
+The text is tokenized once with the model's tokenizer and cut into consecutive, non-overlapping
+windows of ``seqlen`` tokens; the first ``windows`` of them are evaluated, ``batch_size`` at a time.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from tqdm import tqdm
+
+from ..calib.sources import read_calibration_text, tokenize_text
+from ..errors import WeightsmithError
+from .loading import CAUSAL, encoder_body, load_for_eval, parse_device
+from .metrics import CausalStats, EncoderStats
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+ENCODER_NOTE = "perplexity is not defined for an encoder; pass --reference for cosine similarity"
+UNBOUNDED_LENGTH = 1_000_000
+
+
+def evaluate(
+    model_path: PathLike,
+    *,
+    text: Optional[str] = None,
+    text_path: Optional[PathLike] = None,
+    seqlen: int = 512,
+    windows: int = 64,
+    reference: Optional[PathLike] = None,
+    device: str = "cpu",
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict:
+    """Evaluate the model at ``model_path`` (HF directory or .gguf file) on ``text`` or the file at
+    ``text_path``. Causal models: perplexity, and with ``reference`` the reference's perplexity,
+    mean KL(reference ‖ model) and top-1 agreement. Encoders: with ``reference``, the mean cosine
+    similarity of the final hidden states."""
+    start = time.perf_counter()
+    if seqlen < 2 or windows < 1 or batch_size < 1:
+        raise WeightsmithError(f"need seqlen >= 2, windows >= 1 and batch_size >= 1 (got {seqlen}, {windows}, {batch_size})")
+    body = _load_text(text, text_path)
+    dev = parse_device(device)
+    model, tokenizer, kind = load_for_eval(model_path, dev, progress=progress)
+    ref_model, ref_tokenizer = _load_reference(reference, dev, kind, progress) if reference is not None else (None, None)
+    ids = tokenize_text(tokenizer, body)
+    if ref_tokenizer is not None:
+        _check_same_tokens(tokenizer, ref_tokenizer, body, ids)
+    seqlen = _window_length(model, tokenizer, kind, seqlen)
+    chunks = cut_windows(ids, seqlen, windows)
+    result: dict = {"model": str(model_path), "kind": kind}
+    if reference is not None:
+        result["reference"] = str(reference)
+    result.update(_measure(kind, model, ref_model, chunks, dev, batch_size, progress))
+    result.update({"windows": chunks.shape[0], "seqlen": seqlen, "tokens": chunks.numel()})
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def _measure(
+    kind: str, model: Any, ref_model: Optional[Any], chunks: torch.Tensor, dev: torch.device, batch_size: int, progress: bool
+) -> dict:
+    """The metrics for ``kind``: perplexity (and agreement) for causal models, cosine for encoders."""
+    if kind == CAUSAL:
+        return _run_causal(model, ref_model, chunks, dev, batch_size, progress)
+    if ref_model is not None:
+        return _run_encoder(model, ref_model, chunks, dev, batch_size, progress)
+    return {"note": ENCODER_NOTE}
+
+
+def _load_text(text: Optional[str], text_path: Optional[PathLike]) -> str:
+    if (text is None) == (text_path is None):
+        raise WeightsmithError("give exactly one of text and text_path to evaluate on")
+    if text_path is not None:
+        return read_calibration_text(text_path)
+    if not text.strip():
+        raise WeightsmithError("the evaluation text is empty")
+    return text
+
+
+def _load_reference(reference: PathLike, dev: torch.device, kind: str, progress: bool) -> tuple[Any, Any]:
+    model, tokenizer, ref_kind = load_for_eval(reference, dev, progress=progress)
+    if ref_kind != kind:
+        raise WeightsmithError(f"model kinds differ: the reference {reference} is {ref_kind!r}, the model is {kind!r}")
+    return model, tokenizer
+
+
+def _check_same_tokens(tokenizer: Any, ref_tokenizer: Any, text: str, ids: torch.Tensor) -> None:
+    """The reference must see exactly the token ids the model sees."""
+    if len(tokenizer) != len(ref_tokenizer):
+        raise WeightsmithError(
+            f"tokenizer mismatch: the model's vocabulary has {len(tokenizer)} tokens, the reference's {len(ref_tokenizer)}"
+        )
+    if not torch.equal(tokenize_text(ref_tokenizer, text), ids):
+        raise WeightsmithError("tokenizer mismatch: the model's and the reference's tokenizers give different ids for the text")
+
+
+def _window_length(model: Any, tokenizer: Any, kind: str, seqlen: int) -> int:
+    """Causal models use ``seqlen`` as asked (with a warning past their position limit); encoders
+    have absolute positions, so their windows are no longer than the model (and tokenizer) allow."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if kind == CAUSAL:
+        if isinstance(limit, int) and seqlen > limit:
+            logger.warning("seqlen %d is longer than the model's max_position_embeddings %d", seqlen, limit)
+        return seqlen
+    limits = [seqlen, limit, getattr(tokenizer, "model_max_length", None)]
+    usable = min(x for x in limits if isinstance(x, int) and 0 < x < UNBOUNDED_LENGTH)
+    if usable < seqlen:
+        logger.info("encoder: windows of %d tokens (the model's limit) instead of %d", usable, seqlen)
+    return usable
+
+
+def cut_windows(ids: torch.Tensor, seqlen: int, windows: int) -> torch.Tensor:
+    """The first ``windows`` consecutive non-overlapping windows of ``seqlen`` tokens, (n, seqlen)."""
+    full = ids.numel() // seqlen
+    if full < 1:
+        raise WeightsmithError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    n = min(full, windows)
+    if n < windows:
+        logger.warning("evaluation text holds only %d windows of %d tokens (%d requested)", n, seqlen, windows)
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def _batches(chunks: torch.Tensor, batch_size: int, progress: bool, desc: str) -> Iterator[torch.Tensor]:
+    """``chunks`` in batches of ``batch_size`` windows, with a tqdm bar (windows, ETA) on stderr."""
+    with tqdm(total=chunks.shape[0], unit="win", desc=desc, disable=not progress) as bar:
+        for first in range(0, chunks.shape[0], batch_size):
+            batch = chunks[first : first + batch_size]
+            yield batch
+            bar.update(batch.shape[0])
+
+
+def _logits(model: Any, batch: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch, use_cache=False).logits
+
+
+@torch.inference_mode()
+def _run_causal(
+    model: Any, ref_model: Optional[Any], chunks: torch.Tensor, dev: torch.device, batch_size: int, progress: bool
+) -> dict:
+    stats = CausalStats()
+    for batch in _batches(chunks, batch_size, progress, "evaluating"):
+        batch = batch.to(dev)
+        logits = _logits(model, batch)
+        ref_logits = _logits(ref_model, batch) if ref_model is not None else None
+        if ref_logits is not None and ref_logits.shape[-1] != logits.shape[-1]:
+            raise WeightsmithError(
+                f"tokenizer mismatch: the model predicts {logits.shape[-1]} token ids, the reference {ref_logits.shape[-1]}"
+            )
+        for j in range(batch.shape[0]):
+            stats.add_window(logits[j], batch[j], None if ref_logits is None else ref_logits[j])
+        del logits, ref_logits
+    out = {"perplexity": stats.perplexity()}
+    if ref_model is not None:
+        out.update({"reference_perplexity": stats.reference_perplexity(), "kl": stats.mean_kl(), "top1": stats.top1_rate()})
+    return out
+
+
+def _hidden(model: Any, batch: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones_like(batch)
+    return encoder_body(model)(input_ids=batch, attention_mask=mask).last_hidden_state
+
+
+@torch.inference_mode()
+def _run_encoder(
+    model: Any, ref_model: Any, chunks: torch.Tensor, dev: torch.device, batch_size: int, progress: bool
+) -> dict:
+    stats = EncoderStats()
+    for batch in _batches(chunks, batch_size, progress, "evaluating"):
+        batch = batch.to(dev)
+        stats.add_batch(_hidden(model, batch), _hidden(ref_model, batch))
+    return {"cosine": stats.mean_cosine()}
