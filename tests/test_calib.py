@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import logging
 from pathlib import Path
 
@@ -21,13 +22,14 @@ from weightsmith.calib import (
 from weightsmith.calib.generate import sample_tokens
 from weightsmith.config import CalibConfig
 from weightsmith.errors import WeightsmithError
-from conftest import make_text as _walk_text, make_tokenizer as _tokenizer, pico_config
+from conftest import make_tokenizer as _tokenizer, pico_config
 
 WORDS = [f"w{i}" for i in range(40)] + [".", ","]
 
 
 def make_text(n_words: int, seed: int = 0) -> str:
-    return _walk_text(n_words, seed, WORDS)
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
 def make_tokenizer(words: list[str] = WORDS, model_max_length: int = 64) -> PreTrainedTokenizerFast:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import math
 import shutil
 from pathlib import Path
@@ -11,17 +12,19 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from weightsmith.errors import WeightsmithError
-from conftest import make_text as _walk_text, make_tokenizer as _tokenizer, pico_config
+from conftest import make_tokenizer as _tokenizer, pico_config
 from weightsmith.eval import evaluate, load_for_eval, loading, model_kind
 
 WORDS = [f"w{i}" for i in range(40)] + [".", ","]
+SEQLEN = 16
 
 
 def make_text(n_words: int, seed: int = 0) -> str:
-    return _walk_text(n_words, seed, WORDS)
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
-def make_tokenizer(words: list[str] = WORDS, model_max_length: int = 64) -> PreTrainedTokenizerFast:
+def make_tokenizer(words: list[str] = WORDS, model_max_length: int = 32) -> PreTrainedTokenizerFast:
     return _tokenizer(words, model_max_length)
 
 
@@ -41,7 +44,7 @@ def perturbed(model: torch.nn.Module, scale: float = 0.5, seed: int = 1) -> torc
 
 def llama(vocab_size: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(pico_config("llama", hidden=32, inter=64, vocab_size=vocab_size, max_position_embeddings=64)).eval()
+    return LlamaForCausalLM(pico_config("llama", hidden=32, inter=64, vocab_size=vocab_size, max_position_embeddings=64, tie_word_embeddings=False)).eval()
 
 
 def bert(vocab_size: int) -> BertForMaskedLM:
