@@ -5,7 +5,7 @@ top-1 vs float on the first 64×512 windows of wiki.eval.txt).
     .venv/bin/python bench/bench_methods.py --recipes gptq,gptaq,foem,rescomp,gptaq+foem --grids w4g64,w4g128,w3g64,w2g64a
 
 A recipe is ``NAME[:key=value,...]`` — NAME is a method (``+`` combinations included) or steps joined
-by ``>`` (``awq>gptq>lorc8``; ``lorcN`` = LoRC of rank N); the options are the quantizer's config fields (``gptaq:gptaq_alpha=0.5``); :func:`recipe_config` turns it into the config
+by ``>`` (``awq>gptq>lorc8``; ``lorcN`` = LoRC of rank N); the options are the quantizer's config fields (``gptaq:gptaq_alpha=0.5``) or top-level config fields (``gptaq:float_samples=32``); :func:`recipe_config` turns it into the config
 dict that ``weightsmith.config.build_config`` validates, and ``RECIPES`` can map a name to any other
 config dict (other steps, other keys). A grid is ``w<bits>g<group>`` (``g-1``: per row) with a
 trailing ``a`` for asymmetric. Each quantization runs in its own process (``quantize --recipe``, so
@@ -57,8 +57,13 @@ def recipe_config(recipe: str) -> dict:
             steps.append({"name": "lorc", "rank": int(m.group(1))} if m else {"name": st})
         data = {"method": steps}
         quantizer = next((st for st in steps if _step_kind(st) == "quantizer"), None)
+    from weightsmith.config import QuantizeConfig
+
     for kv in filter(None, opts.split(",")):
         k, _, v = kv.partition("=")
+        if k.strip() in QuantizeConfig.model_fields and k.strip() != "method":  # an engine option: float_samples=32
+            data[k.strip()] = _value(v.strip())
+            continue
         if quantizer is None:
             raise SystemExit(f"recipe {recipe!r}: options need a quantizer step")
         quantizer[k.strip()] = _value(v.strip())

@@ -195,6 +195,38 @@ def test_float_path_is_the_same_in_parking_and_low_memory_mode(pico_llama, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_float_statistics_on_a_subset_of_the_rows():
+    from weightsmith.engine.stats import HessianStats
+
+    g = torch.Generator().manual_seed(3)
+    x, xt = torch.randn(40, 24, generator=g), torch.randn(16, 24, generator=g)
+    st = HessianStats(24, torch.device("cpu"), float_path=True)
+    st.add(x[:16], xt)  # rows with a float-path input
+    st.add(x[16:])  # rows without: H only
+    stats = st.layer_stats("t")
+    assert stats.n == 40 and torch.allclose(stats.H, x.t() @ x / 40, atol=1e-5)
+    assert torch.allclose(stats.dXX, (xt - x[:16]).t() @ x[:16] / 16, atol=1e-5)
+    only_h = HessianStats(24, torch.device("cpu"), float_path=True)
+    only_h.add(x)
+    with pytest.raises(WeightsmithError, match="no float-path input"):
+        only_h.layer_stats("t")
+
+
+@pytest.mark.parametrize("mode", [{}, {"low_memory": True}], ids=["parking", "low_memory"])
+def test_float_path_on_the_first_samples_only(pico_llama, tmp_path, mode):
+    ids = calib_ids(8, 24)
+    for tag, extra in [("all", {}), ("all8", {"float_samples": 8}), ("half", {"float_samples": 3})]:  # 3 → one chunk of 4
+        weightsmith.quantize(pico_llama, {"method": "gptaq", **ENGINE_CFG, **mode, **extra}, ids, out=tmp_path / tag, progress=False)
+    w = {t: load_weights(tmp_path / t) for t in ("all", "all8", "half")}
+    assert all(torch.equal(w["all"][k], w["all8"][k]) for k in w["all"])  # as many float samples as samples: the same run
+    assert any(not torch.equal(w["all"][k], w["half"][k]) for k in w["all"])
+    # the same subset in both engine modes: identical results
+    if mode:
+        weightsmith.quantize(pico_llama, {"method": "gptaq", **ENGINE_CFG, "float_samples": 3}, ids, out=tmp_path / "park", progress=False)
+        p = load_weights(tmp_path / "park")
+        assert all(torch.equal(p[k], w["half"][k]) for k in p)
+
+
 # ---- real layers: SmolLM2-135M ---------------------------------------------------------------------------
 
 BLOCK = 2  # blocks 0..1 rounded (RTN W3 g64) make the quantized path into block 2

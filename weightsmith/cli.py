@@ -13,12 +13,14 @@ log = logging.getLogger("weightsmith")
 
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
+    from .config import DEFAULT_RECIPE
+
     p.add_argument("model", help="Hugging Face model directory (safetensors) or .gguf file")
     p.add_argument("out", help="output directory (a Hugging Face model directory)")
     p.add_argument("--recipe", help="YAML recipe (method:, grid:, calib:, ...); flags given here override it")
     m = p.add_argument_group("method")
     m.add_argument("--method", help="recipe: steps in order, comma-separated: [awq,] quantizer [,lorc]; quantizers: rtn | gptq | "
-                                    "gptaq | foem | rescomp | a +-combination such as gptaq+foem (default: gptq; only awq: awq,rtn); "
+                                    f"gptaq | foem | rescomp | a +-combination such as gptaq+foem (default: {DEFAULT_RECIPE}; only awq: awq,rtn); "
                                     "e.g. awq,gptaq+foem,lorc")
     m.add_argument("--act-order", dest="act_order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: quantize columns by descending Hessian diagonal (default on)")
@@ -56,6 +58,9 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
                    help="collect all statistics from the float block (default: true-sequential)")
     e.add_argument("--low-memory", dest="low_memory", action="store_true", default=None,
                    help="replay each block once per layer group: memory of one chunk, about 2x the forward time")
+    e.add_argument("--float-samples", dest="float_samples", type=int,
+                   help="GPTAQ/ResComp: run only this many calibration samples through the float model too (whole chunks; "
+                        "default all): less time and memory, dXX estimated on fewer tokens")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (and discard an interrupted run in OUT.partial)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run kept in OUT.partial (same model, config and calibration)")
     p.add_argument("--save-dtype", dest="save_dtype", choices=["bfloat16", "float16", "float32"],
@@ -124,6 +129,7 @@ def _config_from_args(a: argparse.Namespace):
         ignore=a.ignore,
         sequential=a.sequential,
         low_memory=a.low_memory,
+        float_samples=a.float_samples,
     )
 
 

@@ -22,8 +22,10 @@ the float twin stays parked there until the next group. The float outputs become
 block's float-path inputs. This doubles the activation memory (parked float twins, and the float
 hidden states carried between blocks) and adds one float forward per block; ``low_memory``
 replays the float forward up to each group instead (one chunk in flight), non-sequential mode
-steps both paths through all groups in its one statistics pass. Without a float path nothing of
-this runs.
+steps both paths through all groups in its one statistics pass. The float path may carry only the
+first chunks (``FloatPath.chunks`` shorter than the quantized path's): ``dXX`` is then estimated
+on those samples while ``H`` still sees all of them, and the float forward and ``dXX`` cost
+shrink in proportion. Without a float path nothing of this runs.
 """
 from __future__ import annotations
 
@@ -84,7 +86,8 @@ class _Stop(Exception):
 
 class FloatPath:
     """The float (unquantized-model) path through one block: a float copy of the block, its linear
-    layers (same relative names as the quantized block's) and each chunk's float-path inputs."""
+    layers (same relative names as the quantized block's) and the float-path inputs of the first
+    ``len(chunks)`` calibration chunks (all of them, or a prefix: see the module docstring)."""
 
     def __init__(self, block: nn.Module, layers: dict[str, nn.Module], chunks: list[tuple[tuple, dict]]):
         self.block, self.layers, self.chunks = block, layers, chunks
@@ -180,8 +183,8 @@ class SequentialRunner:
         st = self._stats.get(g.index)
         if st is None:
             st = self._stats[g.index] = HessianStats(x.shape[-1], x.device, self.float_path is not None)
-        if self.float_path is not None:
-            c = self._chunk_of_let.get(greenlet.getcurrent(), self._cur_chunk)
+        c = self._chunk_of_let.get(greenlet.getcurrent(), self._cur_chunk)
+        if c in self._steppers:
             st.add(x, self._steppers[c].input_of(rel))
         else:
             st.add(x)
@@ -224,7 +227,7 @@ class SequentialRunner:
         self._stepping[st.let] = st
 
     def _finish_float(self, c: int) -> None:
-        if self.float_path is not None:
+        if c in self._steppers:
             st = self._steppers.pop(c)
             st.finish()
             del self._stepping[st.let]
@@ -252,7 +255,7 @@ class SequentialRunner:
                 self._target = None
                 outs = self._run_plain(chunks)
                 if fp is not None:
-                    fp.outputs = [fp.forward(c) for c in range(len(chunks))]
+                    fp.outputs = [fp.forward(c) for c in range(len(fp.chunks))]
                 return outs
             self._run_plain(chunks, float_steps=True, float_outputs=True)  # statistics only, weights unchanged
             for g in self.groups:
@@ -269,13 +272,14 @@ class SequentialRunner:
         outs = []
         for c, (args, kwargs) in enumerate(chunks):
             self._cur_chunk = c
-            if float_steps and self.float_path is not None:
+            floats = float_steps and self.float_path is not None and c < len(self.float_path.chunks)
+            if floats:
                 self._new_stepper(c)
             try:
                 outs.append(self._forward(args, kwargs)[1])
             except _Stop:
                 outs.append(None)
-            if float_steps and self.float_path is not None:
+            if floats:
                 if float_outputs:
                     self._finish_float(c)
                 else:
@@ -289,7 +293,7 @@ class SequentialRunner:
         lets = [greenlet.greenlet(self._forward) for _ in chunks]
         self._chunk_of_let = {gl: c for c, gl in enumerate(lets)}
         if self.float_path is not None:
-            for c in range(len(chunks)):
+            for c in range(min(len(chunks), len(self.float_path.chunks))):
                 self._new_stepper(c)
         outputs: list = [None] * len(chunks)
         waiting: dict[int, Group] = {}

@@ -12,7 +12,7 @@ BAND = 4  # XᵀX is symmetric: only the upper row bands are multiplied (~5/8 of
 class HessianStats:
     """Accumulates ``H = XᵀX / N`` (float32) over the rows of the inputs it is given, and with
     ``float_path`` also ``dXX = (X̃ − X)ᵀX / N`` from the float-path inputs ``X̃`` of the same rows
-    (see :class:`~weightsmith.quant.registry.LayerStats`).
+    (over the rows that have one when the float path runs on a subset of the samples; see :class:`~weightsmith.quant.registry.LayerStats`).
 
     ``H`` is symmetric: only its upper triangle is accumulated, in ``BAND`` row bands (band ``i``
     times the columns from ``i`` on), ~(BAND+1)/(2·BAND) of the multiply-adds of a full ``XᵀX``;
@@ -23,16 +23,23 @@ class HessianStats:
         self.h = torch.zeros(dim, dim, dtype=torch.float32, device=device)
         self.dxx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if float_path else None
         self.n = 0
+        self.nd = 0  # rows that came with a float-path input
         step = max(128, -(-dim // BAND))
         self._bands = [(a, min(a + step, dim)) for a in range(0, dim, step)]
 
     def add(self, x: torch.Tensor, xt: torch.Tensor | None = None) -> None:
+        """Add rows ``x`` to ``H``; with ``xt`` (their float-path inputs) to ``dXX`` as well. Rows
+        without ``xt`` (a float path carried on a subset of the samples) count for ``H`` only;
+        ``dXX`` is then the mean over the rows that had one."""
         x = x.reshape(-1, x.shape[-1]).float()
-        if self.dxx is not None:
-            if xt is None or xt.numel() != x.numel():
-                raise WeightsmithError("float-path input missing or of another shape than the quantized-path input")
+        if xt is not None:
+            if self.dxx is None:
+                raise WeightsmithError("float-path input given to statistics that do not carry the float path")
+            if xt.numel() != x.numel():
+                raise WeightsmithError("the float-path input has another shape than the quantized-path input")
             d = xt.reshape(-1, x.shape[-1]).float() - x
             self.dxx.addmm_(d.t(), x)
+            self.nd += x.shape[0]
             del d
         x_t = x.t()
         for a, b in self._bands:
@@ -54,8 +61,10 @@ class HessianStats:
         dxx = None
         if self.dxx is not None:
             if reduce is not None:  # every rank carries the float path when one does: the collectives line up
-                self.dxx, _ = reduce(self.dxx, 0)
-            dxx = self.dxx / self.n
+                self.dxx, self.nd = reduce(self.dxx, self.nd)
+            if self.nd == 0:
+                raise NumericalError(f"no float-path input reached {where}")
+            dxx = self.dxx / self.nd
             if not torch.isfinite(dxx).all():
                 raise NumericalError(f"NaN/Inf in the float-path activations reaching {where}")
         return LayerStats(h, self.n, dxx)

@@ -136,6 +136,13 @@ class GroupQuantizer:
             a = b
 
 
+def float_chunks(cfg: QuantizeConfig, n_chunks: int) -> int:
+    """How many calibration chunks carry the float path: all, or ``cfg.float_samples`` rounded up to whole chunks."""
+    if cfg.float_samples is None:
+        return n_chunks
+    return min(n_chunks, -(-cfg.float_samples // cfg.chunk_size))
+
+
 def float_target_errors(q: torch.Tensor, rtn: torch.Tensor, w: torch.Tensor, stats: LayerStats | None) -> dict:
     """With float-path statistics: how much rewriting ``w`` into ``q`` (and, for reference, into
     RTN's ``rtn``) changes the distance to the float model's output, relative to ‖W X‖²:
@@ -174,7 +181,9 @@ def stream_quantize(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor, out: 
     lm.load_outside()
     chunks = capture_chunks(lm, ids, cfg.chunk_size)
     lm.unload_outside()  # embeddings are not needed again while the blocks stream
-    fchunks = chunks if registry.get(cfg.method.name).needs_float_path else None  # float path: same block-0 inputs
+    fchunks = None
+    if registry.get(cfg.method.name).needs_float_path:  # float path: same block-0 inputs, all chunks or the first ones
+        fchunks = chunks[:float_chunks(cfg, len(chunks))]
 
     start = 0
     restored = ckpt.restore() if ckpt is not None else None
@@ -187,7 +196,7 @@ def stream_quantize(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor, out: 
             chunks = [_replace_hidden(a, k, h.to(lm.device)) for (a, k), h in zip(chunks, hidden)]
             if fchunks is not None:  # the float path's hidden states were committed beside them
                 fh = restored.chunk_state.get("float_hidden")
-                if fh is None or len(fh) != len(chunks):
+                if fh is None or len(fh) != len(fchunks):
                     raise WeightsmithError("cannot resume: the saved state has no float-path activations for this method")
                 fchunks = [_replace_hidden(a, k, h.to(lm.device)) for (a, k), h in zip(fchunks, fh)]
         if writes:
