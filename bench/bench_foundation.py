@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, CALIB, EVAL, RESULTS, SHARED, eval_many, run_cli, smollm2_float_dir, write_results  # noqa: E402
+from common import CACHE, CALIB, EVAL, SHARED, eval_many, run_cli, smollm2_float_dir, write_results  # noqa: E402
 
 GRIDS = {"W4 g64": ["--bits", "4", "--group-size", "64"], "W4 g128": ["--bits", "4", "--group-size", "128"], "W3 g64": ["--bits", "3", "--group-size", "64"]}
 METHODS = {

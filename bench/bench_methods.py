@@ -5,7 +5,7 @@ top-1 vs float on the first 64×512 windows of wiki.eval.txt).
     .venv/bin/python bench/bench_methods.py --recipes gptq,gptaq,foem,rescomp,gptaq+foem --grids w4g64,w4g128,w3g64,w2g64a
 
 A recipe is ``NAME[:key=value,...]`` — NAME is a method (``+`` combinations included) or steps joined
-by ``>`` (``awq>gptq>lorc8``; ``lorcN`` = LoRC of rank N); the options are the quantizer's config fields (``gptaq:gptaq_alpha=0.5``) or top-level config fields (``gptaq:float_samples=32``); :func:`recipe_config` turns it into the config
+by ``>`` (``awq>gptq>lorc8``; ``lorcN`` = LoRC of rank N); the options are the quantizer's config fields (``gptaq:gptaq_alpha=0.5``) or top-level config fields (``gptq:chunk_size=8``); :func:`recipe_config` turns it into the config
 dict that ``weightsmith.config.build_config`` validates, and ``RECIPES`` can map a name to any other
 config dict (other steps, other keys). A grid is ``w<bits>g<group>`` (``g-1``: per row) with a
 trailing ``a`` for asymmetric. Each quantization runs in its own process (``quantize --recipe``, so
@@ -91,7 +91,7 @@ def load_results(path: Path) -> dict:
 
 def table(payload: dict) -> str:
     fp = payload.get("float_perplexity")
-    lines = [f"# Method benchmark — SmolLM2-135M" + (f", float32 perplexity {fp:.2f}" if fp else ""), "",
+    lines = ["# Method benchmark — SmolLM2-135M" + (f", float32 perplexity {fp:.2f}" if fp else ""), "",
              "| recipe | grid | bits/weight | perplexity | KL vs float | top-1 vs float | quantize s | peak RSS MB | mean layer error | mean RTN layer error |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["runs"].values():
@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--tag", default="methods", help="results name: bench/results/<tag>.json and .md")
     ap.add_argument("--results-dir", default=str(RESULTS))
     ap.add_argument("--extra", nargs="*", default=[], help="extra quantize flags for every run")
+    ap.add_argument("--force", action="store_true", help="quantize and evaluate again runs already in the results (e.g. a timing taken on a busy machine)")
     a = ap.parse_args()
     float_dir = Path(a.model) if a.model else smollm2_float_dir()
     out_dir = Path(a.results_dir)
@@ -131,12 +132,12 @@ def main() -> None:
         cfg = recipe_config(recipe)
         for grid in filter(None, a.grids.split(",")):
             name = f"{recipe}@{grid}"
-            if "perplexity" in payload["runs"].get(name, {}):
+            if "perplexity" in payload["runs"].get(name, {}) and not a.force:
                 print(f"== {name}: done, skipped", file=sys.stderr)
                 continue
             g = grid_config(grid)
             out = work / re.sub(r"[^A-Za-z0-9]+", "_", name)
-            if not (out / "report.json").is_file():
+            if a.force or not (out / "report.json").is_file():
                 rfile = work / f"{out.name}.yaml"
                 rfile.write_text(yaml.safe_dump({**cfg, "grid": {**cfg.get("grid", {}), **g}}))
                 args = ["quantize", str(float_dir), str(out), "--recipe", str(rfile), "--calib", str(CALIB), "--nsamples", str(a.nsamples),

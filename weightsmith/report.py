@@ -80,7 +80,7 @@ def write_report(out: Path, report: dict) -> None:
 def markdown(report: dict) -> str:
     cfg = report.get("config", {})
     lines = [
-        f"# weightsmith quantize report",
+        "# weightsmith quantize report",
         "",
         f"- model: `{report.get('model')}`",
         f"- method: `{json.dumps(cfg.get('method'))}`, grid: `{json.dumps(cfg.get('grid'))}`",

@@ -137,10 +137,10 @@ class GroupQuantizer:
 
 
 def float_chunks(cfg: QuantizeConfig, n_chunks: int) -> int:
-    """How many calibration chunks carry the float path: all, or ``cfg.float_samples`` rounded up to whole chunks."""
-    if cfg.float_samples is None:
-        return n_chunks
-    return min(n_chunks, -(-cfg.float_samples // cfg.chunk_size))
+    """How many calibration chunks carry the float path: all, or the float-path method's
+    ``float_samples`` (its share of the samples, a field of its config) rounded up to whole chunks."""
+    k = getattr(cfg.method, "float_samples", None)
+    return n_chunks if k is None else min(n_chunks, -(-k // cfg.chunk_size))
 
 
 def float_target_errors(q: torch.Tensor, rtn: torch.Tensor, w: torch.Tensor, stats: LayerStats | None) -> dict:

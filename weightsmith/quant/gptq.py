@@ -91,6 +91,8 @@ class GPTQConfig(Strict):
     gptaq_alpha: Optional[float] = Field(None, ge=0.0, le=1.0, description="GPTAQ/ResComp: weight of the asymmetric (float-path) term (default 0.25)")
     foem_beta: Optional[float] = Field(None, ge=0.0, le=1.0, description="FOEM: weight of the first-order drift term (default 0.2)")
     rescomp_alpha: Optional[float] = Field(None, ge=0.0, le=1.0, description="ResComp: weight of the compensation-aware error (default 0.25)")
+    float_samples: Optional[int] = Field(None, ge=1, description="GPTAQ/ResComp: calibration samples that also run through the float "
+                                         "model, rounded up to whole chunks (default: all); dXX is estimated on them, H on all")
     residual: Literal["auto", "latent", "rounded"] = Field(
         "auto", description="GPTAQ/ResComp terms use each column's latent value clamped to its grid range, or its rounded value; auto = rounded at 2 bits")
 
@@ -110,6 +112,8 @@ class GPTQConfig(Strict):
                 data[opt] = DEFAULTS[opt] if part in parts else None
             elif part not in parts:
                 raise ValueError(f"{opt} applies to methods with {part} in their name, not to {name!r}")
+        if data.get("float_samples") is not None and not parts & FLOAT_PATH_PARTS:
+            raise ValueError(f"float_samples applies to methods with a float path (gptaq, rescomp), not to {name!r}")
         return data
 
     @model_serializer(mode="wrap")
@@ -120,6 +124,8 @@ class GPTQConfig(Strict):
             for opt in OPTION_PART:
                 if d.get(opt) is None:
                     d.pop(opt, None)
+            if d.get("float_samples") is None:
+                d.pop("float_samples", None)
             if not set(FAMILY.get(self.name, ())) & FLOAT_PATH_PARTS:
                 d.pop("residual", None)
         return d
