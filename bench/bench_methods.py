@@ -101,6 +101,7 @@ def table(payload: dict) -> str:
                      f"{r['quantize_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['mean_layer_error']:.3e} | {r['mean_rtn_layer_error']:.3e} |")
     lines += ["", f"Protocol: {payload.get('protocol', '')}.",
               "Wall time and peak RSS from each run's report.json (its own process); timings on the 2-core machine are noisy.",
+              *(f"- {n}: {r['note']}" for n, r in payload["runs"].items() if r.get("note")),
               "Layer errors are ‖ΔW X‖²/‖W X‖² on the quantized-path inputs (the float-path methods minimise another objective)."]
     return "\n".join(lines) + "\n"
 
