@@ -13,7 +13,7 @@ from .errors import WeightsmithError
 CONFIG_VERSION = 1
 # The recipe `weightsmith quantize` runs when no method is given, chosen by bench/results/methods.md
 # (SmolLM2-135M by the benchmark protocol): ResComp with its float path on 64 of the 128 calibration
-# samples — perplexity W4 g64 33.9 and W3 g64 46.6 against GPTQ's 36.4 and 52.8, at 1.5x GPTQ's time.
+# samples — perplexity W4 g64 34.1 and W3 g64 46.6 against GPTQ's 36.4 and 52.8, at 1.5x GPTQ's time.
 DEFAULT_RECIPE = {"name": "rescomp", "float_samples": 64}
 
 
