@@ -78,7 +78,7 @@ class TwoLayer(nn.Module):
         return x + self.c(torch.relu(self.a(x)) * self.b(x))
 
 
-def rounding(g, h):
+def rounding(g, h, stats):
     for rel in g.names:
         m = getattr(block, rel)
         m.weight.data = torch.round(m.weight.data * 4) / 4

@@ -283,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         from pathlib import Path
 
+        from .engine.checkpoint import MANIFEST
+
         partial = Path(f"{getattr(a, 'out', '')}.partial")
-        kept = getattr(a, "out", None) and (partial / ".weightsmith-manifest.json").is_file()
+        kept = getattr(a, "out", None) and (partial / MANIFEST).is_file()
         print(f"error: interrupted; the committed blocks are kept in {partial} (rerun with --resume)" if kept
               else "error: interrupted; nothing was written", file=sys.stderr)
         return 130

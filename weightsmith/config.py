@@ -150,7 +150,7 @@ def split_steps(steps: list) -> tuple[Any, list, list]:
 
 def recipe_steps(data: dict) -> list:
     """All steps of a config mapping in order: its ``transforms``, ``method`` (one or more steps), ``corrections``."""
-    return [*parse_steps(data.get("transforms")), *parse_steps(data.get("method", dict(DEFAULT_RECIPE))), *parse_steps(data.get("corrections"))]
+    return [*parse_steps(data.get("transforms")), *parse_steps(data.get("method", DEFAULT_RECIPE)), *parse_steps(data.get("corrections"))]
 
 
 class QuantizeConfig(Strict):

@@ -29,7 +29,6 @@ shrink in proportion. Without a float path nothing of this runs.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -141,11 +140,10 @@ class _FloatStepper:
 class SequentialRunner:
     """Runs calibration chunks through one block, rewriting layer groups as their statistics complete.
 
-    ``on_group(group, H)`` is called (in the calling thread) with the finished statistics of each
-    group and must rewrite the group's weights in place; a callback with a ``stats`` parameter also
-    gets the group's :class:`~weightsmith.quant.registry.LayerStats` (with ``dXX`` when
-    ``float_path`` is given; its float outputs are then in ``float_path.outputs`` after
-    :meth:`run`). With ``sequential=False`` all statistics come from the unmodified block and a
+    ``on_group(group, H, stats)`` is called (in the calling thread) with the finished statistics of
+    each group — ``H`` and the group's :class:`~weightsmith.quant.registry.LayerStats` (with ``dXX``
+    when ``float_path`` is given; its float outputs are then in ``float_path.outputs`` after
+    :meth:`run`) — and must rewrite the group's weights in place. With ``sequential=False`` all statistics come from the unmodified block and a
     second pass computes the outputs.
     """
 
@@ -156,7 +154,6 @@ class SequentialRunner:
         self.reduce = reduce  # (H_sum, n) -> summed over data-parallel ranks (engine/distributed.py)
         self.on_group, self.sequential, self.low_memory = on_group, sequential, low_memory
         self.float_path = float_path
-        self._pass_stats = "stats" in inspect.signature(on_group).parameters
         self._steppers: dict[int, _FloatStepper] = {}
         self._chunk_of_let: dict[greenlet.greenlet, int] = {}
         self._cur_chunk = -1
@@ -212,25 +209,25 @@ class SequentialRunner:
         else:
             stats = st.layer_stats(f"layer {g.leader}", self.reduce)
             h = stats.H
-        if self._pass_stats:
-            self.on_group(g, h, stats=stats)
-        else:
-            self.on_group(g, h)
+        self.on_group(g, h, stats)
         g.done = True
 
     def _new_stepper(self, c: int) -> None:
-        old = self._steppers.pop(c, None)
-        if old is not None:
-            del self._stepping[old.let]
-            old.close()
+        self._drop_stepper(c)
         st = self._steppers[c] = _FloatStepper(self.float_path, c)
         self._stepping[st.let] = st
 
-    def _finish_float(self, c: int) -> None:
-        if c in self._steppers:
-            st = self._steppers.pop(c)
+    def _drop_stepper(self, c: int, finish: bool = False) -> None:
+        """Forget chunk ``c``'s float twin (if any): run it to its end first (``finish``: its
+        output lands in ``float_path.outputs``) or abandon it."""
+        st = self._steppers.pop(c, None)
+        if st is None:
+            return
+        if finish:
             st.finish()
-            del self._stepping[st.let]
+        else:
+            st.close()
+        del self._stepping[st.let]
 
     # -- driver ----------------------------------------------------------------------------------------
     def run(self, chunks: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
@@ -280,12 +277,7 @@ class SequentialRunner:
             except _Stop:
                 outs.append(None)
             if floats:
-                if float_outputs:
-                    self._finish_float(c)
-                else:
-                    st = self._steppers.pop(c)
-                    del self._stepping[st.let]
-                    st.close()
+                self._drop_stepper(c, finish=float_outputs)
         return outs
 
     def _run_chunks(self, chunks: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
@@ -304,7 +296,7 @@ class SequentialRunner:
                     kind, payload = lets[c].switch(*chunks[c]) if not lets[c] else lets[c].switch()
                     if kind == "done":
                         outputs[c] = payload
-                        self._finish_float(c)  # the float twin runs to its end: its output, and its memory freed
+                        self._drop_stepper(c, finish=True)  # the float twin runs to its end: its output, and its memory freed
                     else:
                         waiting[c] = payload
                 if not waiting:
