@@ -196,3 +196,22 @@ def test_disk_full_mid_write_simulated(pico, tmp_path, calib, capsys, monkeypatc
                           "disk full", "nothing was left behind")
     assert len(calls) == 3
     nothing_left(tmp_path, "pico-llama", "calib.txt")
+
+
+def test_space_check_counts_the_float_path_state(pico):
+    """The resume state of a float-path method holds the float hidden states of its float samples too."""
+    import torch
+
+    from weightsmith.api import _output_bytes
+    from weightsmith.config import build_config
+    from weightsmith.model.adapter import LazyModel
+    from weightsmith.model.source import CheckpointSource
+
+    ids = torch.zeros(8, 16, dtype=torch.long)
+    with CheckpointSource(pico()) as source:
+        lm = LazyModel(source, "cpu")
+        need = {tag: _output_bytes(source, lm, build_config(method=m, chunk_size=2), ids, None)
+                for tag, m in [("gptq", "gptq"), ("all", "gptaq"), ("four", {"name": "gptaq", "float_samples": 3})]}
+    per_sample = 2 * 16 * lm.config.hidden_size * 4  # two generations of one sample's float32 hidden states
+    assert need["all"] - need["gptq"] == 8 * per_sample
+    assert need["four"] - need["gptq"] == 4 * per_sample  # 3 samples round up to two chunks of 2

@@ -170,8 +170,11 @@ def _on_rank0(dist, fn):
 
 def _output_bytes(source: CheckpointSource, lm: LazyModel, cfg: QuantizeConfig, calibration: Any, sdt: torch.dtype | None) -> int:
     """Disk the run needs: the output tensors in their stored dtype, and two generations of the
-    resume state (the hidden states of all calibration tokens, float32)."""
+    resume state (the hidden states of all calibration tokens, float32, and of the samples that
+    also carry the float path when the method has one)."""
+    from .engine.streamer import float_chunks
     from .model.saving import stored_dtype
+    from .quant import registry
 
     weights = 0
     for key in source.keys():
@@ -179,7 +182,12 @@ def _output_bytes(source: CheckpointSource, lm: LazyModel, cfg: QuantizeConfig, 
         for d in source.shape(key):
             n *= d
         weights += n * stored_dtype(source.dtype(key), sdt).itemsize
-    tokens = calibration.numel() if isinstance(calibration, torch.Tensor) else cfg.calib.nsamples * cfg.calib.seqlen
+    if isinstance(calibration, torch.Tensor):  # not validated yet: any shape
+        samples, tokens = (int(calibration.shape[0]) if calibration.ndim else 1), calibration.numel()
+    else:
+        samples, tokens = cfg.calib.nsamples, cfg.calib.nsamples * cfg.calib.seqlen
+    if registry.get(cfg.method.name).needs_float_path and samples:  # float_hidden is committed beside hidden
+        tokens += tokens * min(samples, float_chunks(cfg, -(-samples // cfg.chunk_size)) * cfg.chunk_size) // samples
     text = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     state = 2 * tokens * int(getattr(text, "hidden_size", 0) or 0) * 4
     return int(weights * 1.02) + state + 2**20
