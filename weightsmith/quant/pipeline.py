@@ -19,7 +19,6 @@ of the original ``W``.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -55,13 +54,6 @@ def scaled_stats(stats: LayerStats, s: torch.Tensor) -> LayerStats:
     )
 
 
-def call_quantizer(algo, W, H, grid, cfg, base, stats):
-    """``algo.quantize(W, H, grid, cfg, base=, stats=)``; quantizers written before ``stats`` existed get no ``stats``."""
-    if "stats" in inspect.signature(algo.quantize).parameters:
-        return algo.quantize(W, H, grid, cfg, base=base, stats=stats)
-    return algo.quantize(W, H, grid, cfg, base=base)
-
-
 def run_group(ws: list[torch.Tensor], stats: LayerStats | None, cfg, *, where: str = "", foldable: bool = True, why_not: str = "") -> GroupResult:
     """Run the recipe ``cfg`` on the layers ``ws`` (each (out_l, in) float32) sharing ``stats``."""
     W0 = torch.cat([w.float() for w in ws], 0)
@@ -85,7 +77,7 @@ def run_group(ws: list[torch.Tensor], stats: LayerStats | None, cfg, *, where: s
         s_total = s if s_total is None else s_total * s
     qalgo = registry.get(cfg.method.name)
     rtn = rtn_quantize(W, grid)
-    res = call_quantizer(qalgo, W, None if st is None else st.H, grid, cfg.method, rtn, st)
+    res = qalgo.quantize(W, None if st is None else st.H, grid, cfg.method, base=rtn, stats=st)
     if not torch.isfinite(res.weight).all():
         raise WeightsmithError(f"{cfg.method.name} produced NaN/Inf for {where}")
     rtn0 = rtn if s_total is None else rtn_quantize(W0, grid)
@@ -95,7 +87,7 @@ def run_group(ws: list[torch.Tensor], stats: LayerStats | None, cfg, *, where: s
         for p in (0.5, 0.0):
             sp = s_total.pow(p)
             Wp, stp = (W0 * sp, scaled_stats(stats, sp)) if p else (W0, stats)
-            rp = call_quantizer(qalgo, Wp, stp.H, grid, cfg.method, rtn_quantize(Wp, grid) if p else rtn0, stp)
+            rp = qalgo.quantize(Wp, stp.H, grid, cfg.method, base=rtn_quantize(Wp, grid) if p else rtn0, stats=stp)
             e = _output_error(rp.weight / sp - W0, stats.H)
             if e < best[0]:
                 best = (e, p, rp, Wp, stp, sp)

@@ -48,7 +48,8 @@ class LayerStats:
     - ``H = XᵀX / N`` (in, in) float32 — the Hessian of ‖(W − Q) X‖² up to a factor 2;
     - ``n``: the number of token rows N;
     - ``dXX = (X̃ − X)ᵀ X / N`` (in, in) float32, so ``dXX[i, j] = mean_t ΔX[t, i]·X[t, j]`` — the
-      GPTAQ paper's ``ΔX Xᵀ`` in its (features × tokens) layout. ``H + dXX = X̃ᵀX / N``. None
+      GPTAQ paper's ``ΔX Xᵀ`` in its (features × tokens) layout. ``H + dXX = X̃ᵀX / N``. The mean
+      runs over the rows that carry the float path (all, or the method's ``float_samples``). None
       unless the algorithm was registered with ``needs_float_path``.
     """
 
