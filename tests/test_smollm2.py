@@ -55,3 +55,21 @@ def test_gptq_beats_rtn_on_smollm2(smol):
     assert fp < ev["gptq"]["perplexity"] < ev["rtn"]["perplexity"] < 2.5 * fp
     assert ev["gptq"]["kl"] < 0.6 * ev["rtn"]["kl"]
     assert ev["gptq"]["top1"] > ev["rtn"]["top1"] > 0.5
+
+
+def test_default_recipe_on_smollm2(smol):
+    """The default recipe (ResComp, float path on part of the samples) on real weights: the float path
+    runs on the first float_samples only, every layer records its error against the float-path output,
+    and that error is well below RTN's on the same inputs. (Perplexity and KL against GPTQ are a
+    benchmark matter: with this test's 16x128 calibration the float path is too small to win on them.)"""
+    from weightsmith.config import DEFAULT_RECIPE
+
+    base, float_dir, _ = smol
+    grid = {"bits": 3, "group_size": 64, "sym": True}
+    cfg = {"method": {**DEFAULT_RECIPE, "float_samples": 8}, "grid": grid, "calib": CALIB, "chunk_size": 4}  # float path on 2 of 4 chunks
+    rep = weightsmith.quantize(float_dir, cfg, out=base / "default", progress=False)
+    assert rep["config"]["method"]["name"] == DEFAULT_RECIPE["name"] and rep["config"]["method"]["float_samples"] == 8
+    rows = rep["layers"]
+    assert len(rows) == 210 and all("float_error" in r for r in rows) and not rep["summary"]["fallbacks"]
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    assert mean("float_error") < 0.5 * mean("rtn_float_error")
