@@ -89,12 +89,23 @@ def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
 
 
+GRID_ORDER = ("w4g64", "w4g128", "w3g64", "w2g64a")
+RECIPE_ORDER = ("rtn", "gptq", "foem", "awq", "awq>gptq", "gptaq", "rescomp")
+
+
+def _row_order(r: dict) -> tuple:
+    """Table rows: by grid (the issue's order, others after), then the plain methods, then the rest by name."""
+    g, name = r["grid"], r["recipe"]
+    return (GRID_ORDER.index(g) if g in GRID_ORDER else len(GRID_ORDER), g,
+            RECIPE_ORDER.index(name) if name in RECIPE_ORDER else len(RECIPE_ORDER), name)
+
+
 def table(payload: dict) -> str:
     fp = payload.get("float_perplexity")
     lines = ["# Method benchmark — SmolLM2-135M" + (f", float32 perplexity {fp:.2f}" if fp else ""), "",
              "| recipe | grid | bits/weight | perplexity | KL vs float | top-1 vs float | quantize s | peak RSS MB | mean layer error | mean RTN layer error |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in payload["runs"].values():
+    for r in sorted(payload["runs"].values(), key=_row_order):
         if "perplexity" not in r:
             continue
         lines.append(f"| {r['recipe']} | {r['grid']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {r['kl']:.4f} | {r['top1']:.4f} | "
