@@ -48,16 +48,24 @@ def plot(src: Path = RESULTS / "methods.json", dst: Path = RESULTS / "methods_pp
     data = series(payload)
     if not data:
         raise SystemExit(f"{src}: no run has both perplexity and bits_per_weight")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, pts in sorted(data.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name, alpha=0.85)
     fp = payload.get("float_perplexity")
+    top = 10 * float(fp) if fp else None  # a collapsed run (RTN at 2 bits: ~6e5) would flatten the rest: clip and label it
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = "osD^v<>ph*X"
+    for i, (name, pts) in enumerate(sorted(data.items())):
+        ys = [min(p[1], top) if top else p[1] for p in pts]
+        ax.plot([p[0] for p in pts], ys, marker=markers[i % len(markers)], ls="-", label=name, alpha=0.85)
+        for p, y in zip(pts, ys):
+            if y < p[1]:
+                ax.annotate(f"{name} {p[1]:.3g} (off scale)", (p[0], y), fontsize=7, textcoords="offset points", xytext=(4, -10))
+    if top:
+        ax.set_ylim(top=top * 1.15)
     if fp:
         ax.axhline(float(fp), color="k", ls="--", lw=1, label=f"float32 ({float(fp):.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (weights + 16-bit scales + zeros + g_idx + low-rank factors)")
     ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(payload.get("model", "perplexity vs storage"), fontsize=9)
+    ax.set_title("SmolLM2-135M, WikiText-2 protocol: perplexity vs storage", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
