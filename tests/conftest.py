@@ -104,3 +104,24 @@ def calib_file(tmp_path) -> Path:
     p = tmp_path / "calib.txt"
     p.write_text(make_text(6000, seed=3), encoding="utf-8")
     return p
+
+
+def smollm2_first_blocks(tmp_path_factory, n: int) -> Path:
+    """SmolLM2-135M's real weights cut to its first ``n`` of 30 blocks (embedding, norm and head kept),
+    saved once per session: for the real-weight tests whose subject is a path through the engine or a
+    packer rather than the whole model's quality — a third of the blocks, a third of the time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from weightsmith.demo import float_smollm2
+
+    dest = tmp_path_factory.getbasetemp() / f"smollm2-f32-{n}blocks"
+    if not (dest / "config.json").is_file():
+        src = float_smollm2(tmp_path_factory.getbasetemp() / "smollm2-f32")  # converted once per session
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        model.model.layers = model.model.layers[:n]
+        model.config.num_hidden_layers = n
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:n]
+        model.save_pretrained(dest)
+        AutoTokenizer.from_pretrained(src).save_pretrained(dest)
+    return dest
