@@ -52,14 +52,14 @@ def plot(src: Path = RESULTS / "methods.json", dst: Path = RESULTS / "methods_pp
     top = 10 * float(fp) if fp else None  # a collapsed run (RTN at 2 bits: ~6e5) would flatten the rest: clip and label it
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = "osD^v<>ph*X"
-    off_scale = 0
+    stacked: dict[float, int] = {}  # clipped labels per bits-per-weight position
     for i, (name, pts) in enumerate(sorted(data.items())):
         ys = [min(p[1], top) if top else p[1] for p in pts]
         ax.plot([p[0] for p in pts], ys, marker=markers[i % len(markers)], ls="-", label=name, alpha=0.85)
         for p, y in zip(pts, ys):
             if y < p[1]:
-                off_scale += 1  # stack the labels: several collapsed runs share the clipped point
-                ax.annotate(f"{name} {p[1]:.3g} (off scale)", (p[0], y), fontsize=7, textcoords="offset points", xytext=(4, -10 * off_scale))
+                stacked[p[0]] = stacked.get(p[0], 0) + 1  # collapsed runs at one bits/weight share the clipped point
+                ax.annotate(f"{name} {p[1]:.3g} (off scale)", (p[0], y), fontsize=7, textcoords="offset points", xytext=(4, -10 * stacked[p[0]]))
     if top:
         ax.set_ylim(top=top * 1.15)
     if fp:
