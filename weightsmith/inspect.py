@@ -1,5 +1,6 @@
 """``weightsmith inspect MODEL``: what is in a checkpoint — tensors, dtypes, the quantization scheme
-of each layer, bits per weight as stored, size on disk — and, against ``--reference ORIGINAL``, each
+of each layer (every layer may have its own grid), bits per weight as stored (and, for weightsmith's
+dequantized dirs, as a packed format would store them), per scheme and overall, size on disk — and, against ``--reference ORIGINAL``, each
 matrix's relative Frobenius error ‖W − W_ref‖ / ‖W_ref‖.
 
 Reads weightsmith dequantized dirs, compressed-tensors pack-quantized, GPTQ format, GGUF and plain
@@ -27,7 +28,7 @@ def inspect(model: str | Path, reference: str | Path | None = None) -> dict:
         if ref is not None:
             with ref:
                 _add_errors(view, ref, rows)
-        quant = [r for r in rows if r["scheme"] != "float"]
+        quant = [r for r in rows if _quantized(r)]
         params = sum(_numel(r["shape"]) for r in rows)
         qparams = sum(_numel(r["shape"]) for r in quant)
         out = {
@@ -40,7 +41,9 @@ def inspect(model: str | Path, reference: str | Path | None = None) -> dict:
             "quantized_parameters": qparams,
             "bits_per_weight_quantized": (8.0 * sum(r["nbytes"] for r in quant) / qparams) if qparams else None,
             "bits_per_weight_all": 8.0 * sum(r["nbytes"] for r in rows) / params if params else None,
+            "packed_bits_per_weight_quantized": _packed_bpw(quant),
             "schemes": sorted({r["scheme"] for r in rows}),
+            "by_scheme": _by_scheme(rows),
             "tensors": rows,
         }
         if ref is not None:
@@ -49,6 +52,28 @@ def inspect(model: str | Path, reference: str | Path | None = None) -> dict:
             out["mean_rel_error"] = sum(errs) / len(errs) if errs else None
             out["max_rel_error"] = max(errs) if errs else None
     return out
+
+
+def _quantized(r: dict) -> bool:
+    """A matrix with integer codes (a pruned-only layer, ``float + sparsity …``, is float)."""
+    return not r["scheme"].startswith("float")
+
+
+def _packed_bpw(rows: list[dict]) -> float | None:
+    """Bits per weight over ``rows`` as packed formats store them (for weightsmith's dequantized dirs,
+    what an export would hold; for packed formats, what they hold)."""
+    n = sum(_numel(r["shape"]) for r in rows)
+    return sum(r["packed_bits_per_weight"] * _numel(r["shape"]) for r in rows) / n if n else None
+
+
+def _by_scheme(rows: list[dict]) -> dict:
+    """Per scheme of the matrices: how many, their parameters and bits per weight (packed, as above)."""
+    out: dict[str, list] = {}
+    for r in rows:
+        if len(r["shape"]) == 2:
+            out.setdefault(r["scheme"], []).append(r)
+    return {k: {"tensors": len(v), "parameters": sum(_numel(r["shape"]) for r in v), "bits_per_weight": _packed_bpw(v)}
+            for k, v in sorted(out.items())}
 
 
 def _numel(shape: list[int]) -> int:
@@ -95,10 +120,14 @@ def _add_errors(view, ref, rows: list[dict]) -> None:
 
 def format_table(res: dict) -> str:
     has_err = "reference" in res
-    head = ["tensor", "shape", "dtype", "scheme", "bpw", "MB"] + (["rel. error"] if has_err else [])
+    packed = res["format"] == "weightsmith"  # stored as float: also show what a packed export holds
+    head = ["tensor", "shape", "dtype", "scheme", "bpw"] + (["packed bpw"] if packed else []) + ["MB"] + (["rel. error"] if has_err else [])
     lines = ["  ".join(head)]
     for r in res["tensors"]:
-        cells = [r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["scheme"], f"{r['bits_per_weight']:.2f}", f"{r['nbytes'] / 1e6:.3f}"]
+        cells = [r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["scheme"], f"{r['bits_per_weight']:.2f}"]
+        if packed:
+            cells.append(f"{r['packed_bits_per_weight']:.2f}")
+        cells.append(f"{r['nbytes'] / 1e6:.3f}")
         if has_err:
             cells.append("" if r.get("rel_error") is None else f"{r['rel_error']:.4e}")
         lines.append("  ".join(cells))
@@ -110,6 +139,12 @@ def format_table(res: dict) -> str:
         f"    bits/weight (all): {res['bits_per_weight_all']:.3f}",
         f"schemes: {', '.join(res['schemes'])}",
     ]
+    pq = res.get("packed_bits_per_weight_quantized")
+    if res["format"] == "weightsmith" and pq is not None:
+        lines.append(f"bits/weight as packed formats store the quantized layers: {pq:.3f}")
+    if len([k for k in res.get("by_scheme", {}) if not k.startswith("float")]) > 1:  # mixed: one line per scheme
+        for k, v in res["by_scheme"].items():
+            lines.append(f"  {k}: {v['tensors']} matrices, {v['parameters']:,} parameters, {v['bits_per_weight']:.3f} bits/weight")
     if has_err and res.get("mean_rel_error") is not None:
         lines.append(f"relative Frobenius error vs {res['reference']}: mean {res['mean_rel_error']:.4e}, max {res['max_rel_error']:.4e}")
     return "\n".join(lines)

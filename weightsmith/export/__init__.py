@@ -4,6 +4,10 @@ Formats: ``compressed-tensors`` (pack-quantized, llm-compressor / vLLM), ``gptq`
 GPTQModel / transformers), ``gguf`` (llama.cpp; ``out`` is the ``.gguf`` file). Each reads the
 integer codes back from the dequantized weights and their qparams (``common.py``), packs them, and
 writes ``out`` atomically: a temporary path renamed into place, nothing left behind on failure.
+
+Layers may differ (every layer its own grid, some only pruned or left in float): each exporter
+declares the encoding kinds it ``HOLDS`` and refuses, before writing anything, a checkpoint with an
+encoding it cannot store or a grid it cannot pack, naming the kind or the grid and a layer.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from pathlib import Path
 
 from ..errors import WeightsmithError
 from ..model.saving import AtomicDir
-from .common import QuantizedCheckpoint
+from .common import QuantizedCheckpoint, check_holds
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +42,37 @@ def export(quantized: str | Path, out: str | Path, fmt: str, *, overwrite: bool 
         raise WeightsmithError(f"for --format gguf, OUT is the file to write and must end in .gguf (got {out})")
     with QuantizedCheckpoint(quantized) as ckpt:
         if fmt == "gguf":
-            from .gguf_format import choose_type, export_gguf, write_atomically
+            from .gguf_format import HOLDS, export_gguf, layer_types, write_atomically
 
-            choose_type(ckpt.bits, ckpt.sym, gguf_type)  # refuse before any work
+            check_holds(ckpt, "GGUF", HOLDS)  # refuse before any work
+            layer_types(ckpt, gguf_type)
             info = write_atomically(out, overwrite, lambda tmp: export_gguf(ckpt, tmp, gguf_type, gguf_template))
         else:
+            if fmt == "compressed-tensors":
+                from .compressed_tensors import HOLDS, check_compressed_tensors, export_compressed_tensors as run
+
+                check_holds(ckpt, "compressed-tensors", HOLDS)
+                check_compressed_tensors(ckpt)
+            else:
+                from .gptq import HOLDS, check_gptq, export_gptq
+
+                check_holds(ckpt, "GPTQ", HOLDS)
+                check_gptq(ckpt, gptq_version)
+
+                def run(c, tmp):
+                    return export_gptq(c, tmp, gptq_version)
             atomic = AtomicDir(out, overwrite)
             atomic.check_space(int(ckpt.source.nbytes() * 0.6) + 2**20)
             with atomic as tmp:
-                if fmt == "compressed-tensors":
-                    from .compressed_tensors import export_compressed_tensors
-
-                    info = export_compressed_tensors(ckpt, tmp)
-                else:
-                    from .gptq import export_gptq
-
-                    info = export_gptq(ckpt, tmp, gptq_version)
-        grid = {"bits": ckpt.bits, "group_size": ckpt.group_size, "sym": ckpt.sym}
+                info = run(ckpt, tmp)
+        uniform = ckpt.uniform
+        grid = uniform.as_dict() if uniform is not None else None
+        grids = ckpt.grid_summary()
+        n_layers = len(ckpt.layers)
     size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    res = {"format": fmt, "output": str(out), "grid": grid, "layers": len(ckpt.layers), "bytes": size,
+    res = {"format": fmt, "output": str(out), "grid": grid, "layers": n_layers, "bytes": size,
            "seconds": round(time.time() - t0, 2), **info}
+    if grid is None:  # mixed grids (or none): each grid in use and its number of layers
+        res["grids"] = grids
     log.info("exported %s as %s (%.1f MB) in %.1f s", quantized, fmt, size / 1e6, res["seconds"])
     return res

@@ -19,6 +19,12 @@ and has removed activation-ordered ``g_idx`` groups (``actorder: group``). Hence
 * a permuted ``g_idx`` (``--no-static-groups``) is refused;
 * a group size that does not divide every layer's width is written, exactly, with the largest group
   size that divides both it and every width (``gcd``), each scale repeated; a warning says so.
+
+Mixed grids: one ``config_groups`` entry per distinct (bits, group size, sym, actorder), whose
+``targets`` are the exact module names of its layers (compressed-tensors 0.20 matches a plain target
+against the module name exactly; ``re:`` would make it a regex); a uniform checkpoint keeps the one
+group targeting ``Linear``. Layers without a grid (float, or only pruned) are in ``ignore``.
+Sparsity is held as exact zeros; a low-rank encoding is refused (``HOLDS``).
 """
 from __future__ import annotations
 
@@ -31,7 +37,9 @@ import numpy as np
 import torch
 
 from ..errors import WeightsmithError
-from .common import QuantizedCheckpoint, QuantLayer, unquantized_linears, write_hf_packed
+from .common import Grid, QuantizedCheckpoint, QuantLayer, unquantized_linears, write_hf_packed
+
+HOLDS = frozenset({"grid", "sparsity"})  # sparsity: as exact zeros on the grid or in a float (ignored) layer
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +61,17 @@ def pack_rows_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.from_numpy(out.view(np.int32).copy())
 
 
-def effective_group_size(ckpt: QuantizedCheckpoint, widths: list[int]) -> int:
-    """The group size to write: ours when it divides every width, else the gcd (scales repeated)."""
-    if ckpt.group_size == -1:
+def effective_group_size(group_size: int, widths: list[int], names: list[str] | None = None) -> int:
+    """The group size to write for layers of widths ``widths``: ``group_size`` when it divides every
+    width, else the gcd (scales repeated)."""
+    if group_size == -1:
         return -1
-    g = reduce(math.gcd, widths, ckpt.group_size)
-    if g != ckpt.group_size:
-        bad = sorted({w for w in widths if w % ckpt.group_size})
+    g = reduce(math.gcd, widths, group_size)
+    if g != group_size:
+        bad = sorted({w for w in widths if w % group_size})
         log.warning("group size %d does not divide the width(s) %s, which compressed-tensors requires; "
                     "writing group size %d with each scale repeated %d times (same weights, larger scale tensors)",
-                    ckpt.group_size, bad, g, ckpt.group_size // g)
+                    group_size, bad, g, group_size // g)
     return g
 
 
@@ -88,30 +97,40 @@ def pack_layer(layer: QuantLayer, group_size: int, sym: bool) -> dict[str, torch
     return t
 
 
-def quantization_config(ckpt: QuantizedCheckpoint, group_size: int, ignore: list[str]) -> dict:
+def _weights_args(grid: Grid, group_size: int, actorder: bool) -> dict:
+    return {
+        "actorder": "static" if actorder else None,
+        "block_structure": None,
+        "dynamic": False,
+        "group_size": None if group_size == -1 else group_size,
+        "num_bits": grid.bits,
+        "observer": "minmax",
+        "observer_kwargs": {},
+        "scale_dtype": None,
+        "strategy": "channel" if group_size == -1 else "group",
+        "symmetric": grid.sym,
+        "type": "int",
+        "zp_dtype": None if grid.sym else "torch.int8",
+    }
+
+
+def quantization_config(groups: list[tuple[Grid, int, bool, list[str]]], ignore: list[str], uniform: bool) -> dict:
+    """``groups``: (grid, written group size, actorder, layer names) — one ``config_groups`` entry each.
+    A uniform checkpoint has one group targeting ``Linear`` (every linear not in ``ignore``); mixed
+    grids target their layers by exact module name (compressed-tensors matches a plain target string
+    against the module name exactly, ``re:`` prefixes a regex)."""
     try:
         import compressed_tensors
 
         version = compressed_tensors.__version__
     except ImportError:  # writing needs no package; loading does
         version = "0.20.0"
-    weights = {
-        "actorder": "static" if ckpt.method.get("act_order") else None,
-        "block_structure": None,
-        "dynamic": False,
-        "group_size": None if group_size == -1 else group_size,
-        "num_bits": ckpt.bits,
-        "observer": "minmax",
-        "observer_kwargs": {},
-        "scale_dtype": None,
-        "strategy": "channel" if group_size == -1 else "group",
-        "symmetric": ckpt.sym,
-        "type": "int",
-        "zp_dtype": None if ckpt.sym else "torch.int8",
-    }
+    cg = {}
+    for i, (grid, gs, actorder, names) in enumerate(groups):
+        cg[f"group_{i}"] = {"format": "pack-quantized", "input_activations": None, "output_activations": None,
+                            "targets": ["Linear"] if uniform else list(names), "weights": _weights_args(grid, gs, actorder)}
     return {
-        "config_groups": {"group_0": {"format": "pack-quantized", "input_activations": None, "output_activations": None,
-                                      "targets": ["Linear"], "weights": weights}},
+        "config_groups": cg,
         "format": "pack-quantized",
         "global_compression_ratio": None,
         "ignore": ignore,
@@ -124,12 +143,44 @@ def quantization_config(ckpt: QuantizedCheckpoint, group_size: int, ignore: list
     }
 
 
+def _actorder(ckpt: QuantizedCheckpoint, name: str) -> bool:
+    g = next(e for e in ckpt.encodings(name) if e["kind"] == "grid")
+    return bool(g.get("act_order", ckpt.method.get("act_order")))
+
+
+def check_compressed_tensors(ckpt: QuantizedCheckpoint) -> None:
+    """Refuse, before writing, a grid pack-quantized cannot hold (naming a layer)."""
+    if not ckpt.layers:
+        raise WeightsmithError(f"{ckpt.dir}: no layer has a grid encoding, so there is nothing to pack-quantize; the directory is a float model as it is")
+    for n in ckpt.layers:
+        b = ckpt.grid(n).bits
+        if not 1 <= b <= 8:
+            raise WeightsmithError(f"compressed-tensors pack-quantized holds 1..8-bit integers, not {b}-bit (layer {n})")
+
+
+def plan_groups(ckpt: QuantizedCheckpoint) -> list[tuple[Grid, int, bool, list[str]]]:
+    """One entry per distinct (bits, written group size, sym, actorder), the largest first."""
+    by_grid: dict[tuple[Grid, bool], list[str]] = {}
+    for g in ckpt.distinct_grids():
+        for n in ckpt.layers:
+            if ckpt.grid(n) == g:
+                by_grid.setdefault((g, _actorder(ckpt, n)), []).append(n)
+    merged: dict[tuple, list] = {}
+    for (g, ao), names in by_grid.items():
+        gs = effective_group_size(g.group_size, [ckpt.source.shape(f"{n}.weight")[1] for n in names])
+        key = (g.bits, gs, g.sym, ao)
+        merged.setdefault(key, [g, gs, ao, []])[3].extend(names)
+    return [(g, gs, ao, sorted(names)) for g, gs, ao, names in merged.values()]
+
+
 def export_compressed_tensors(ckpt: QuantizedCheckpoint, out: Path) -> dict:
-    if not 1 <= ckpt.bits <= 8:
-        raise WeightsmithError(f"compressed-tensors pack-quantized holds 1..8-bit integers, not {ckpt.bits}-bit")
-    widths = [ckpt.source.shape(f"{n}.weight")[1] for n in ckpt.layers]
-    gs = effective_group_size(ckpt, widths)
+    check_compressed_tensors(ckpt)
+    groups = plan_groups(ckpt)
     ignore = unquantized_linears(ckpt)
-    qc = quantization_config(ckpt, gs, ignore)
-    write_hf_packed(ckpt, out, lambda layer: pack_layer(layer, gs, ckpt.sym), qc)
-    return {"group_size_written": gs, "ignore": ignore}
+    qc = quantization_config(groups, ignore, uniform=len(groups) == 1)
+    written = {n: (g, gs) for g, gs, _, names in groups for n in names}
+    write_hf_packed(ckpt, out, lambda layer: pack_layer(layer, written[layer.name][1], layer.sym), qc)
+    if len(groups) == 1:
+        return {"group_size_written": groups[0][1], "ignore": ignore}
+    return {"group_size_written": {f"group_{i}": gs for i, (_, gs, _, _) in enumerate(groups)}, "ignore": ignore,
+            "config_groups": len(groups)}

@@ -19,6 +19,12 @@ The k-quants (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K) store each 16/32-column sub-block sc
 8-bit integer times one fp16 scale per 256 columns; our scales are free float32 numbers per group,
 so no weightsmith grid maps onto them without re-quantizing — they are refused with that reason.
 
+Mixed grids: a type per tensor, each layer's from its own grid (the table above); ``--gguf-type``
+is then an override that must hold every layer's grid (Q4_1 holds W4 sym and asym), else it is
+refused naming a layer that does not fit; a grid no type holds (3-bit, 8-bit asymmetric …) is refused
+naming its layer. ``general.file_type`` is the most common type. Layers without a grid (float, or
+only pruned: exact zeros) are written as F16 like every other matrix; low rank is refused (``HOLDS``).
+
 Tensors we do not quantize: 1-D (norms, biases) as F32 (llama.cpp requires it), matrices
 (embeddings, an untied head) as F16. For Llama-style models the q/k rows are permuted as llama.cpp's
 ``convert_hf_to_gguf.py`` does (a row permutation: exact for per-row codes and scales).
@@ -31,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +56,13 @@ PERMUTE_QK = {"llama"}
 FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # LlamaFileType MOSTLY_*
 
 
-def choose_type(bits: int, sym: bool, requested: str | None) -> str:
+HOLDS = frozenset({"grid", "sparsity"})  # sparsity: as exact zeros in F16 tensors or (up to fp16 rounding) in the blocks
+NATURAL = {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0"}
+
+
+def choose_type(bits: int, sym: bool, requested: str | None, layer: str | None = None) -> str:
+    """The GGUF type of a ``bits``-bit grid: ``requested`` when it holds it exactly, else refused."""
+    where = f" (layer {layer})" if layer else ""
     t = (requested or "").upper() or None
     if t in KQUANTS:
         raise WeightsmithError(f"GGUF {t} stores sub-block scales as small integers times one fp16 scale per 256 columns, "
@@ -58,15 +71,22 @@ def choose_type(bits: int, sym: bool, requested: str | None) -> str:
     if t is not None and t not in EXACT_TYPES:
         raise WeightsmithError(f"unknown or unsupported GGUF type {requested!r}; weightsmith writes {', '.join(EXACT_TYPES)}")
     if t is None:
-        t = {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0"}.get((bits, sym))
+        t = NATURAL.get((bits, sym))
         if t is None:
-            raise WeightsmithError(f"no GGUF type holds a {bits}-bit {'symmetric' if sym else 'asymmetric'} grid exactly "
+            raise WeightsmithError(f"no GGUF type holds a {bits}-bit {'symmetric' if sym else 'asymmetric'} grid exactly{where} "
                                    "(Q4_0: W4 sym, Q4_1: W4, Q8_0: W8 sym)")
     need = {"Q4_0": (4, True), "Q4_1": (4, None), "Q8_0": (8, True)}[t]
     if bits != need[0] or (need[1] is not None and sym != need[1]):
         kind = f"{need[0]}-bit" + (" symmetric" if need[1] else "")
-        raise WeightsmithError(f"GGUF {t} holds {kind} grids; this checkpoint is {bits}-bit {'symmetric' if sym else 'asymmetric'}")
+        what = f"layer {layer} is" if layer else "this checkpoint is"
+        raise WeightsmithError(f"GGUF {t} holds {kind} grids; {what} {bits}-bit {'symmetric' if sym else 'asymmetric'}")
     return t
+
+
+def layer_types(ckpt: QuantizedCheckpoint, requested: str | None = None) -> dict[str, str]:
+    """The GGUF type of every grid layer: from its own grid (Q4_0 / Q4_1 / Q8_0), or ``requested``
+    for all of them — which must then hold every layer's grid, else refused naming the layer."""
+    return {n: choose_type(ckpt.grid(n).bits, ckpt.grid(n).sym, requested, None if ckpt.uniform else n) for n in ckpt.layers}
 
 
 def block_params(layer: QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +158,9 @@ def _rope_scaling(cfg: dict) -> dict | None:
 def export_gguf(ckpt: QuantizedCheckpoint, out: Path, qtype: str | None = None, template: str | Path | None = None) -> dict:
     import gguf
 
-    t = choose_type(ckpt.bits, ckpt.sym, qtype)
+    types = layer_types(ckpt, qtype)
+    counts_t = Counter(types.values())
+    t = counts_t.most_common(1)[0][0] if types else None
     cfg = _text_config(ckpt.config_dict())
     model_type = cfg.get("model_type")
     arch = ARCHS.get(model_type)
@@ -166,16 +188,20 @@ def export_gguf(ckpt: QuantizedCheckpoint, out: Path, qtype: str | None = None, 
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     w.add_vocab_size(int(cfg["vocab_size"]))
     w.add_rope_dimension_count(head_dim)
-    w.add_file_type(FILE_TYPES[t])
+    w.add_file_type(FILE_TYPES[t] if t else 1)  # the most common type ("mostly Q4_0"); only float layers: MOSTLY_F16
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_quantized_by(f"weightsmith ({ckpt.method.get('name', '?')} W{ckpt.bits} g{ckpt.group_size} {'sym' if ckpt.sym else 'asym'})")
+    u = ckpt.uniform
+    if u is not None:
+        w.add_quantized_by(f"weightsmith ({ckpt.method.get('name', '?')} W{u.bits} g{u.group_size} {'sym' if u.sym else 'asym'})")
+    else:
+        mixed = ", ".join(f"W{g['bits']} g{g['group_size']} {'sym' if g['sym'] else 'asym'} x{g['layers']}" for g in ckpt.grid_summary())
+        w.add_quantized_by(f"weightsmith ({ckpt.method.get('name', '?')} mixed: {mixed or 'float'})")
     if template is not None:
         _copy_template_kv(w, Path(template))
     else:
         _write_tokenizer(w, ckpt.dir, int(cfg["vocab_size"]))
 
     layers = set(ckpt.layers)
-    qtype_enum = gguf.GGMLQuantizationType[t]
     counts = {"quantized": 0, "f16": 0, "f32": 0}
     for key in ckpt.source.keys():
         name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -187,7 +213,7 @@ def export_gguf(ckpt: QuantizedCheckpoint, out: Path, qtype: str | None = None, 
             nh = n_head if ".attn_q." in name else n_kv
             rows = qk_permutation(ckpt.source.shape(key)[0], nh)
         if base in layers:
-            w.add_tensor(name, encode(ckpt.layer(base), t, rows), raw_dtype=qtype_enum)
+            w.add_tensor(name, encode(ckpt.layer(base), types[base], rows), raw_dtype=gguf.GGMLQuantizationType[types[base]])
             counts["quantized"] += 1
             continue
         x = ckpt.source.get(key).float()
@@ -203,7 +229,9 @@ def export_gguf(ckpt: QuantizedCheckpoint, out: Path, qtype: str | None = None, 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"gguf_type": t, "tensors": counts}
+    if len(counts_t) <= 1:
+        return {"gguf_type": t, "tensors": counts}
+    return {"gguf_type": t, "gguf_types": dict(sorted(counts_t.items())), "tensors": counts}
 
 
 def _copy_template_kv(w, template: Path) -> None:

@@ -16,7 +16,13 @@ adding 1 to every packed field). ``gptq_v2`` stores ``zero`` itself. In v1 an as
 field — so v1 cannot hold a zero point of 0 and such checkpoints are refused (use ``gptq_v2``).
 Dequantization: ``w[o, c] = scales[g, o] · (q[c, o] - zero[g, o])`` with ``g = g_idx[c]``.
 
-Bits 2, 4 and 8 are written (3-bit GPTQ uses a different, word-straddling layout: refused).
+Bits 2, 4 and 8 are written (3-bit GPTQ uses a different, word-straddling layout: refused, the layer named).
+
+Mixed grids (GPTQModel's convention): the most common grid is the top-level ``bits`` /
+``group_size`` / ``sym``; each layer with another grid has a ``dynamic`` rule
+``"+:^<escaped name>$": {"bits": b, "group_size": g, "sym": s}``, each float linear inside the model
+``"-:^<escaped name>$": {}``. ``desc_act`` is global (true when any layer's g_idx is permuted; g_idx
+is stored for every layer either way). A low-rank encoding is refused (``HOLDS``).
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ import torch
 
 from ..errors import WeightsmithError
 from .common import QuantizedCheckpoint, QuantLayer, unquantized_linears, write_hf_packed
+
+HOLDS = frozenset({"grid", "sparsity"})  # sparsity: as exact zeros on the grid or in a float ("-:") layer
 
 GPTQ_BITS = (2, 4, 8)
 FORMATS = {"v1": "gptq", "v2": "gptq_v2"}
@@ -69,11 +77,15 @@ def _pack_in(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantize_config(ckpt: QuantizedCheckpoint, version: str, desc_act: bool, skip: list[str]) -> dict:
+    """The most common grid is the top-level config; every layer with another grid gets a GPTQModel
+    ``dynamic`` rule ``"+:^name$": {bits, group_size, sym}``, every float linear inside the model a
+    ``"-:^name$": {}`` (not quantized)."""
+    top = ckpt.distinct_grids()[0]
     cfg = {
-        "bits": ckpt.bits,
-        "group_size": ckpt.group_size,
+        "bits": top.bits,
+        "group_size": top.group_size,
         "desc_act": desc_act,
-        "sym": ckpt.sym,
+        "sym": top.sym,
         "lm_head": False,
         "true_sequential": bool(ckpt.report.get("config", {}).get("sequential", True)),
         "static_groups": bool(ckpt.method.get("static_groups", True)),
@@ -82,22 +94,43 @@ def quantize_config(ckpt: QuantizedCheckpoint, version: str, desc_act: bool, ski
         "checkpoint_format": FORMATS[version],
         "meta": {"quantizer": ["weightsmith"]},
     }
+    dynamic = {}
+    for n in ckpt.layers:  # GPTQModel's per-module rules: "+:" overrides the grid of a module
+        g = ckpt.grid(n)
+        if g != top:
+            dynamic["+:^" + re.escape(n) + "$"] = {"bits": g.bits, "group_size": g.group_size, "sym": g.sym}
     inner = [n for n in skip if not n.endswith("lm_head")]
-    if inner:  # GPTQModel's per-module rules: "-:" excludes a module from quantization
-        cfg["dynamic"] = {"-:^" + re.escape(n) + "$": {} for n in inner}
+    for n in inner:  # "-:" excludes a module from quantization
+        dynamic["-:^" + re.escape(n) + "$"] = {}
+    if dynamic:
+        cfg["dynamic"] = dynamic
     return cfg
 
 
-def export_gptq(ckpt: QuantizedCheckpoint, out: Path, version: str = "v1") -> dict:
+def check_gptq(ckpt: QuantizedCheckpoint, version: str) -> None:
+    """Refuse, before writing, a version or a layer's grid GPTQ cannot pack (the layer named)."""
     if version not in FORMATS:
         raise WeightsmithError(f"unknown GPTQ checkpoint version {version!r}; choose v1 or v2")
-    if ckpt.bits not in GPTQ_BITS:
-        raise WeightsmithError(f"the GPTQ format is written for {', '.join(map(str, GPTQ_BITS))}-bit grids, not {ckpt.bits}-bit (3-bit GPTQ packing is not supported)")
+    if not ckpt.layers:
+        raise WeightsmithError(f"{ckpt.dir}: no layer has a grid encoding, so there is nothing for GPTQ to pack; the directory is a float model as it is")
+    for n in ckpt.layers:
+        g = ckpt.grid(n)
+        if g.bits not in GPTQ_BITS:
+            raise WeightsmithError(f"the GPTQ format is written for {', '.join(map(str, GPTQ_BITS))}-bit grids, not {g.bits}-bit "
+                                   f"(layer {n}; 3-bit GPTQ packing is not supported)")
+        k = 32 // g.bits
+        out, cols = ckpt.source.shape(f"{n}.weight")[:2]
+        if cols % k or out % k:
+            raise WeightsmithError(f"layer {n} ({out}x{cols}): GPTQ packs {k} {g.bits}-bit codes per int32, so both widths must be multiples of {k}")
+
+
+def export_gptq(ckpt: QuantizedCheckpoint, out: Path, version: str = "v1") -> dict:
+    check_gptq(ckpt, version)
     desc_act = False
     seen: list[bool] = []
 
     def pack(layer: QuantLayer) -> dict:
-        seen.append(not layer.natural_groups(ckpt.group_size))
+        seen.append(not layer.natural_groups())
         return pack_layer(layer, version)
 
     skip = unquantized_linears(ckpt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 
 from ..errors import WeightsmithError
-from ..model.source import CheckpointSource, _read_header
+from ..model.source import CheckpointSource
+from .common import Grid, packed_bits_per_weight, read_entry, read_qparams, scheme_name
 
 
 @dataclass
@@ -28,6 +30,13 @@ class TensorInfo:
     scheme: str  # "float" or e.g. "int4 g64 sym"
     bits_per_weight: float  # storage bits per element, scales and zeros included
     nbytes: int
+    # bits per element as a packed format stores the layer (codes, 16-bit scales, zeros, g_idx when
+    # permuted): differs from ``bits_per_weight`` only in weightsmith's dequantized dirs
+    packed_bits_per_weight: float | None = None
+
+    def __post_init__(self):
+        if self.packed_bits_per_weight is None:
+            self.packed_bits_per_weight = self.bits_per_weight
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -134,27 +143,36 @@ class FloatView(_SafetensorsView):
 
 
 class WeightsmithView(_SafetensorsView):
-    """Our dequantized dir: float weights on the grid + qparams (scheme from report.json)."""
+    """Our dequantized dir: float weights (on the grid) + qparams; each layer's scheme from its
+    encodings (``weightsmith.encodings`` metadata, or the report's grid for legacy files)."""
 
     format = "weightsmith"
 
     def __init__(self, path: Path):
         super().__init__(path)
-        grid = json.loads((path / "report.json").read_text(encoding="utf-8")).get("config", {}).get("grid", {})
-        self.grid = grid
-        self.q: dict[str, tuple] = {}
-        for f in sorted((path / "qparams").glob("*.safetensors")):
-            self.q.update(_read_header(f))
-        self.layers = {k[: -len(".scale")] for k in self.q if k.endswith(".scale")}
+        grid = json.loads((path / "report.json").read_text(encoding="utf-8")).get("config", {}).get("grid")
+        self.grid = grid or {}
+        self.q, self.encodings = read_qparams(path / "qparams", Grid.of(grid).as_dict() if grid else None)
+        self.layers = set(self.encodings)
 
     def tensors(self) -> list[TensorInfo]:
         out = []
-        g = self.grid
         for k in self.src.keys():
             info = self._float_info(k)
-            base = k[: -len(".weight")]
+            base = k[: -len(".weight")] if k.endswith(".weight") else None
             if base in self.layers:
-                info.scheme = f"int{g.get('bits')} g{g.get('group_size')} {'sym' if g.get('sym') else 'asym'} (dequantized, qparams)"
+                encs = self.encodings[base]
+                grid = next((Grid.of(e) for e in encs if e["kind"] == "grid"), None)
+                n_groups, permuted = None, False
+                if grid is not None:
+                    n_groups = int(self.q[f"{base}.scale"].shape[1])
+                    gi = read_entry(self.q[f"{base}.g_idx"]).long()
+                    gs = gi.numel() if grid.group_size == -1 else grid.group_size
+                    permuted = not torch.equal(gi, torch.arange(gi.numel()) // gs)
+                info.scheme = scheme_name(encs, permuted) + " (dequantized, qparams)"
+                pb = packed_bits_per_weight(tuple(info.shape), encs, n_groups, permuted)
+                if pb is not None:
+                    info.packed_bits_per_weight = pb
             out.append(info)
         return out
 
@@ -167,7 +185,7 @@ class _PackedView(_SafetensorsView):
     def _shape(self, base: str) -> list[int]:
         raise NotImplementedError
 
-    def _scheme(self) -> str:
+    def _scheme(self, base: str) -> str:
         raise NotImplementedError
 
     def tensors(self) -> list[TensorInfo]:
@@ -183,53 +201,96 @@ class _PackedView(_SafetensorsView):
                 parts = [f"{base}.{s}" for s in self.PARTS if f"{base}.{s}" in self.src.index]
                 nb = sum(self._nbytes(p) for p in parts)
                 dts = "+".join(_DT.get(self.src.dtype(p), "?") for p in parts)
-                out.append(TensorInfo(f"{base}.weight", shape, dts, self._scheme(), 8.0 * nb / (shape[0] * shape[1]), nb))
+                out.append(TensorInfo(f"{base}.weight", shape, dts, self._scheme(base), 8.0 * nb / (shape[0] * shape[1]), nb))
         return out
 
 
+def _ct_match(name: str, target: str) -> bool:
+    """compressed-tensors' name matching (``utils/match.py match_name``): ``re:`` = ``re.match``, else exact."""
+    return re.match(target[3:], name) is not None if target.startswith("re:") else target == name
+
+
 class CompressedTensorsView(_PackedView):
+    """pack-quantized, one or several ``config_groups``: a layer's group is the one whose targets
+    match its name exactly, else by ``re:`` regex, else by class (``Linear``: every packed layer),
+    as compressed-tensors resolves them; ``ignore`` excludes."""
+
     format = "compressed-tensors"
 
     def __init__(self, path: Path):
         super().__init__(path)
         qc = self.config["quantization_config"]
-        if qc.get("format") not in ("pack-quantized", None) or len(qc.get("config_groups", {})) != 1:
-            raise WeightsmithError(f"{path}: only single-group pack-quantized compressed-tensors checkpoints are read")
-        self.args = next(iter(qc["config_groups"].values()))["weights"]
-        self.bits = int(self.args["num_bits"])
-        self.sym = bool(self.args.get("symmetric", True))
-        self.group_size = self.args.get("group_size") or -1
+        groups = list((qc.get("config_groups") or {}).values())
+        fmts = {g.get("format") or qc.get("format") for g in groups} | {qc.get("format")}
+        if not groups or not fmts <= {"pack-quantized", None}:
+            raise WeightsmithError(f"{path}: only pack-quantized compressed-tensors checkpoints are read")
+        self.groups = [(list(g.get("targets") or []), g["weights"]) for g in groups]
+        self.ignore = list(qc.get("ignore") or [])
+        self._args: dict[str, dict] = {}
+        if len(self.groups) == 1:  # what the single-group reader exposed
+            self.args = self.groups[0][1]
+            self.bits = int(self.args["num_bits"])
+            self.sym = bool(self.args.get("symmetric", True))
+            self.group_size = self.args.get("group_size") or -1
 
     PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+    def args_of(self, base: str) -> dict:
+        """The weights quantization args of packed layer ``base``."""
+        if base not in self._args:
+            if any(not t.startswith("re:") and t == base or t.startswith("re:") and _ct_match(base, t) for t in self.ignore):
+                raise WeightsmithError(f"{self.path}: layer {base} is packed but listed in ignore")
+            found = None
+            for rank in (0, 1, 2):  # exact name, regex, class name
+                for targets, w in self.groups:
+                    for t in targets:
+                        hit = (rank == 0 and not t.startswith("re:") and t == base) or (rank == 1 and t.startswith("re:") and _ct_match(base, t)) \
+                            or (rank == 2 and t == "Linear")
+                        if hit and found is None:
+                            found = w
+                if found is not None:
+                    break
+            if found is None:
+                raise WeightsmithError(f"{self.path}: no config group targets the packed layer {base}")
+            self._args[base] = found
+        return self._args[base]
+
+    def _grid(self, base: str) -> tuple[int, bool, int]:
+        a = self.args_of(base)
+        return int(a["num_bits"]), bool(a.get("symmetric", True)), int(a.get("group_size") or -1)
 
     def _shape(self, base: str) -> list[int]:
         return [int(x) for x in self.src.get(f"{base}.weight_shape").tolist()]
 
-    def _scheme(self) -> str:
-        g = f"g{self.group_size}" if self.group_size != -1 else "per-channel"
-        return f"int{self.bits} {g} {'sym' if self.sym else 'asym'} (pack-quantized)"
+    def _scheme(self, base: str) -> str:
+        bits, sym, group_size = self._grid(base)
+        return f"{Grid(bits, group_size, sym).name()} (pack-quantized)"
 
     def weight(self, name: str) -> torch.Tensor:
         base = name[: -len(".weight")]
         if f"{base}.weight_packed" not in self.src.index:
             return super().weight(name)
+        bits, sym, group_size = self._grid(base)
         out, cols = (int(x) for x in self.src.get(f"{base}.weight_shape").tolist())
-        q = unpack_rows_int32(self.src.get(f"{base}.weight_packed"), self.bits, cols).float()
+        q = unpack_rows_int32(self.src.get(f"{base}.weight_packed"), bits, cols).float()
         scale = self.src.get(f"{base}.weight_scale").float()
-        if self.sym:
-            zero = torch.full_like(scale, 2 ** (self.bits - 1))
+        if sym:
+            zero = torch.full_like(scale, 2 ** (bits - 1))
         else:
             zp = self.src.get(f"{base}.weight_zero_point")
-            zero = unpack_rows_int32(zp.t().contiguous(), self.bits, out).t().float()
+            zero = unpack_rows_int32(zp.t().contiguous(), bits, out).t().float()
         if f"{base}.weight_g_idx" in self.src.index:
             gi = self.src.get(f"{base}.weight_g_idx").long()
         else:
-            gs = cols if self.group_size == -1 else int(self.group_size)
+            gs = cols if group_size == -1 else int(group_size)
             gi = torch.arange(cols) // gs
         return (q - zero[:, gi]) * scale[:, gi]
 
 
 class GPTQView(_PackedView):
+    """GPTQ format; per-module grids from GPTQModel's ``dynamic`` rules (first matching pattern wins,
+    ``re.match``; ``-:`` = not quantized, ``+:`` or no prefix = these overrides of the top-level grid)."""
+
     format = "gptq"
 
     def __init__(self, path: Path):
@@ -239,22 +300,37 @@ class GPTQView(_PackedView):
         self.sym = bool(qc.get("sym", True))
         self.group_size = int(qc.get("group_size", -1))
         self.v1 = qc.get("checkpoint_format", "gptq") == "gptq"
+        self.dynamic = dict(qc.get("dynamic") or {})
 
     PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
+    def grid_of(self, base: str) -> tuple[int, int, bool]:
+        """(bits, group_size, sym) of module ``base``."""
+        top = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+        for pat, over in self.dynamic.items():
+            if pat.startswith("-:"):
+                if re.match(pat[2:], base):
+                    raise WeightsmithError(f"{self.path}: layer {base} is packed but a dynamic rule {pat!r} excludes it from quantization")
+                continue
+            if re.match(pat[2:] if pat.startswith("+:") else pat, base):
+                g = {**top, **{k: v for k, v in (over or {}).items() if k in top}}
+                return int(g["bits"]), int(g["group_size"]), bool(g["sym"])
+        return self.bits, self.group_size, self.sym
+
     def _shape(self, base: str) -> list[int]:
         qw = self.src.shape(f"{base}.qweight")
-        return [int(qw[1]), int(qw[0]) * 32 // self.bits]
+        return [int(qw[1]), int(qw[0]) * 32 // self.grid_of(base)[0]]
 
-    def _scheme(self) -> str:
-        return f"int{self.bits} g{self.group_size} {'sym' if self.sym else 'asym'} (GPTQ {'v1' if self.v1 else 'v2'})"
+    def _scheme(self, base: str) -> str:
+        return f"{Grid(*self.grid_of(base)).name()} (GPTQ {'v1' if self.v1 else 'v2'})"
 
     def weight(self, name: str) -> torch.Tensor:
         base = name[: -len(".weight")]
         if f"{base}.qweight" not in self.src.index:
             return super().weight(name)
-        q = unpack_cols(self.src.get(f"{base}.qweight").t().contiguous(), self.bits).float()  # (out, in)
-        zero = unpack_cols(self.src.get(f"{base}.qzeros"), self.bits).float()  # (groups, out)
+        bits = self.grid_of(base)[0]
+        q = unpack_cols(self.src.get(f"{base}.qweight").t().contiguous(), bits).float()  # (out, in)
+        zero = unpack_cols(self.src.get(f"{base}.qzeros"), bits).float()  # (groups, out)
         if self.v1:
             zero = zero + 1  # v1 stores zero - 1
         scale = self.src.get(f"{base}.scales").float()
