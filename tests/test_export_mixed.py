@@ -362,6 +362,9 @@ def test_gguf_a_type_per_tensor_loads_through_transformers(work, mixed):
     with GGUFView(f) as v:
         assert v.field("general.file_type") == 2  # MOSTLY_Q4_0: the most common type
         assert "mixed: W4 g32 sym x7" in v.field("general.quantized_by")
+    bs = inspect(f)["by_scheme"]
+    assert bs["Q8_0 (GGUF)"]["tensors"] == 4 and bs["Q4_0 (GGUF)"]["tensors"] == 9
+    assert bs["Q8_0 (GGUF)"]["bits_per_weight"] == 8.5 and bs["Q4_0 (GGUF)"]["bits_per_weight"] == 4.5
     got = AutoModelForCausalLM.from_pretrained(work, gguf_file=f.name, dtype=torch.float32).eval()
     assert _rel(_logits(got), _logits(_ref(mixed))) <= 5e-3  # fp16 scales, fp16 embeddings and float layer
 
@@ -406,6 +409,22 @@ def test_lowrank_encoding_is_refused_by_every_exporter(work, pico_src, w4, fmt, 
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{label} cannot store a lowrank encoding: layer model.layers.1.mlp.gate_proj (qparams lowrank_a/lowrank_b)")
     assert not (work / out).exists() and not list(work.glob(f".{out}*"))
+    row = next(r for r in inspect(q)["tensors"] if r["name"] == L1 + "mlp.gate_proj.weight")  # 128x64, rank 4
+    assert row["scheme"] == "int4 g32 sym + lowrank r4 (dequantized, qparams)"
+    assert row["packed_bits_per_weight"] == pytest.approx(4.5 + 16 * 4 * (128 + 64) / (128 * 64))
+
+
+def test_legacy_lorc_factors_are_a_lowrank_encoding(work, pico_src, w4, tmp_path):
+    q = shutil.copytree(w4, tmp_path / "lorc")
+    f = q / "qparams" / "block-00001.safetensors"
+    t = load_file(f)
+    t[L1 + "mlp.up_proj.lorc_a"], t[L1 + "mlp.up_proj.lorc_b"] = torch.zeros(128, 2), torch.zeros(2, 64)
+    save_file(t, f)  # no metadata: legacy
+    with QuantizedCheckpoint(q) as ck:
+        assert ck.encodings(L1 + "mlp.up_proj") == [_grid(4, 32), {"kind": "lowrank", "rank": 2}]
+        assert ck.bits == 4  # the grid is still uniform
+    with pytest.raises(WeightsmithError, match=r"^GGUF cannot store a lowrank encoding: layer model\.layers\.1\.mlp\.up_proj \(qparams lorc_a/lorc_b\)"):
+        export(q, tmp_path / "l.gguf", "gguf")
 
 
 def test_cli_export_refusal_is_one_line(work, pico_src, w4, capsys):

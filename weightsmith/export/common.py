@@ -145,7 +145,7 @@ def read_qparams(qdir: Path, legacy_grid: dict | None) -> tuple[dict[str, object
                 if base in encodings:
                     raise WeightsmithError(f"{qdir}: layer {base} is declared in two qparams files")
                 encodings[base] = [dict(e) for e in encs]
-            owned = {f"{b}.{s}" for b, encs in meta.items() for e in encs for alts in ENCODING_TENSORS.get(e["kind"], ()) for s in _first_present(header, b, alts)}
+            owned = {f"{b}.{s}" for b, encs in meta.items() for e in encs for s in _first_present(header, b, ENCODING_TENSORS.get(e["kind"], ()))}
             stray = sorted(set(header) - owned)
             if stray:
                 raise WeightsmithError(f"{f}: tensor {stray[0]} belongs to no encoding declared in its {ENCODINGS_KEY} metadata")
@@ -184,7 +184,7 @@ def _first_present(header: dict, base: str, alts: tuple) -> tuple:
     return ()
 
 
-def encoding_tensor_names(encs: list[dict], entries: dict, base: str, kind: str) -> tuple[str, ...]:
+def encoding_tensor_names(entries: dict, base: str, kind: str) -> tuple[str, ...]:
     """The qparams suffixes that hold ``kind`` for layer ``base`` (e.g. ``("lorc_a", "lorc_b")``)."""
     return _first_present(entries, base, ENCODING_TENSORS.get(kind, ()))
 
@@ -227,12 +227,12 @@ def check_holds(ckpt: "QuantizedCheckpoint", fmt: str, holds: set[str] | frozens
     for name in ckpt.encoded:
         for e in ckpt.encodings(name):
             if e["kind"] not in holds:
-                keys = encoding_tensor_names([e], ckpt._q, name, e["kind"])
+                keys = encoding_tensor_names(ckpt._q, name, e["kind"])
                 where = f" (qparams {'/'.join(keys)})" if keys else ""
                 n = sum(1 for m in ckpt.encoded if any(x["kind"] == e["kind"] for x in ckpt.encodings(m)))
-                more = f" and {n - 1} other layer(s)" if n > 1 else ""
-                raise WeightsmithError(f"{fmt} cannot store a {e['kind']} encoding: layer {name}{where}{more} has one "
-                                       f"({fmt} holds {', '.join(sorted(holds))}); use the dequantized directory as is")
+                more = f", as do {n - 1} other layer(s)" if n > 1 else ""
+                raise WeightsmithError(f"{fmt} cannot store a {e['kind']} encoding: layer {name}{where} has one{more} "
+                                       f"({fmt} holds {', '.join(sorted(holds))} encodings); use the dequantized directory as is")
 
 
 class QuantizedCheckpoint:
