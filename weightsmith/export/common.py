@@ -46,7 +46,6 @@ ENCODING_TENSORS = {
     "lowrank": (("lowrank_a", "lowrank_b"), ("lorc_a", "lorc_b")),
     "sparsity": (("mask",),),
 }
-ALL_SUFFIXES = {s for alts in ENCODING_TENSORS.values() for suf in alts for s in suf}
 
 
 @dataclass(frozen=True)
@@ -330,13 +329,10 @@ class QuantizedCheckpoint:
     # ---- tensors ---------------------------------------------------------------------------------------------------
 
     def _qget(self, key: str) -> torch.Tensor:
-        e = self._q[key]
-        with open(e.file, "rb") as fh:
-            fh.seek(e.offset + e.start)
-            buf = bytearray(fh.read(e.end - e.start))
-        if len(buf) != e.end - e.start:
-            raise WeightsmithError(f"corrupt safetensors file {e.file}: {key} is truncated")
-        return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape) if buf else torch.empty(e.shape, dtype=e.dtype)
+        try:
+            return read_entry(self._q[key])
+        except WeightsmithError:
+            raise WeightsmithError(f"corrupt safetensors file {self._q[key].file}: {key} is truncated") from None
 
     def mask(self, name: str) -> torch.Tensor | None:
         """The layer's sparsity mask as bool (out, in), or None."""
