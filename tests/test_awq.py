@@ -57,10 +57,10 @@ def test_search_objective_and_alpha_zero_is_plain_rtn():
 
 def test_unfoldable_group_is_left_unscaled_or_refused():
     W, H = outlier_problem()
-    cfg = build_config({"method": "awq", "grid": GRID16})
+    cfg = build_config({"method": "awq,rtn", "grid": GRID16})
     r = run_group([W], LayerStats(H), cfg, foldable=False, why_not="no producer")
-    assert r.input_scale is None and r.info["awq"] == {"skipped": "no producer"}
-    strict = build_config({"method": [{"name": "awq", "require_fold": True}], "grid": GRID16})
+    assert r.state.input_scale is None and r.state.info["awq"] == {"skipped": "no producer"}
+    strict = build_config({"method": [{"name": "awq", "require_fold": True}, "rtn"], "grid": GRID16})
     with pytest.raises(WeightsmithError, match="cannot fold the scale of x.o_proj"):
         run_group([W], LayerStats(H), strict, where="x.o_proj", foldable=False, why_not="no producer")
 
@@ -172,7 +172,7 @@ def test_end_to_end_awq_gptq_lorc(tmp_path):
     src = pico_with_outliers(tmp_path / "pico")
     rep = weightsmith.quantize(src, RECIPE, calib_ids(8, 32), out=tmp_path / "q", progress=False)
     s = rep["summary"]
-    assert rep["config"]["transforms"][0]["name"] == "awq" and rep["config"]["corrections"][0]["rank"] == 4
+    assert rep["config"]["steps"][0]["name"] == "awq" and rep["config"]["steps"][2]["rank"] == 4
     # 4 bits + a 16-bit scale per 16 weights + rank-4 factors: computed from the shapes
     layers = rep["layers"]
     numel = sum(r["shape"][0] * r["shape"][1] for r in layers)
@@ -181,7 +181,7 @@ def test_end_to_end_awq_gptq_lorc(tmp_path):
     unscaled = {u["name"]: u["why"] for u in s["awq_unscaled"]}
     for b in (0, 1):  # GQA: o_proj has no producer that can absorb a scale
         assert "no op producing the input" in unscaled[f"model.layers.{b}.self_attn.o_proj"]
-    scaled = {r["name"] for r in layers if "folded_into" in (r.get("awq") or {})}
+    scaled = {r["name"] for r in layers if "folded_into" in r}
     assert {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"} <= scaled, s
     assert "unscaled" in (tmp_path / "q" / "report.md").read_text()
     assert s["mean_error"] < s["mean_rtn_error"]
@@ -197,7 +197,7 @@ def test_end_to_end_awq_gptq_lorc(tmp_path):
     # every layer is on its grid once its LoRC product is removed, the folded producer up_proj included
     for rel in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj"):
         name = f"model.layers.0.{rel}"
-        w = q_sd[name + ".weight"] - qp[name + ".lorc_a"] @ qp[name + ".lorc_b"]
+        w = q_sd[name + ".weight"] - qp[name + ".lowrank_a"] @ qp[name + ".lowrank_b"]
         sc = qp[name + ".scale"][:, qp[name + ".g_idx"].long()]
         z = qp[name + ".zero"][:, qp[name + ".g_idx"].long()].float()
         q = w / sc + z
@@ -218,7 +218,7 @@ def test_parked_inputs_are_rescaled_like_a_replay(tmp_path):
     ids = calib_ids(8, 32)
     r1 = weightsmith.quantize(src, cfg, ids, out=tmp_path / "park", progress=False)
     r2 = weightsmith.quantize(src, {**cfg, "low_memory": True}, ids, out=tmp_path / "replay", progress=False)
-    assert sum("folded_into" in (r.get("awq") or {}) for r in r1["layers"]) >= 8
+    assert sum("folded_into" in r for r in r1["layers"]) >= 8
     assert [r["error"] for r in r1["layers"]] == pytest.approx([r["error"] for r in r2["layers"]], rel=1e-3)
     a = load_file(tmp_path / "park" / "model-00001-of-00003.safetensors")  # block 0, its norms with the folded scales
     b = load_file(tmp_path / "replay" / "model-00001-of-00003.safetensors")
@@ -228,6 +228,6 @@ def test_parked_inputs_are_rescaled_like_a_replay(tmp_path):
 
 def test_require_fold_stops_on_gqa_o_proj(pico, tmp_path):
     with pytest.raises(WeightsmithError, match="o_proj"):
-        weightsmith.quantize(pico("llama"), {"method": [{"name": "awq", "require_fold": True}], "grid": GRID16}, calib_ids(4, 16),
+        weightsmith.quantize(pico("llama"), {"method": [{"name": "awq", "require_fold": True}, "rtn"], "grid": GRID16}, calib_ids(4, 16),
                              out=tmp_path / "q", progress=False)
     assert not (tmp_path / "q").exists()

@@ -34,7 +34,7 @@ def test_cli_yaml_and_python_build_the_same_config(tmp_path):
     from_py = build_config(method={"name": "gptq", "act_order": False, "damp": 0.05}, grid={"bits": 3, "group_size": 128, "sym": False},
                            calib={"path": "c.txt", "nsamples": 64, "seqlen": 256, "seed": 7})
     assert from_cli == from_yaml == from_py
-    assert from_cli.to_dict()["method"] == {"name": "gptq", "act_order": False, "static_groups": True, "damp": 0.05, "block_size": 128}
+    assert from_cli.to_dict()["steps"] == [{"name": "gptq", "act_order": False, "static_groups": True, "damp": 0.05, "block_size": 128}]
     # flags override the recipe
     assert parse_q("--recipe", str(recipe), "--bits", "4").grid.bits == 4
 
@@ -53,8 +53,8 @@ def test_defaults():
     (["--bits", "9"], "grid.bits"),
     (["--bits", "1"], "grid.bits"),
     (["--group-size", "0"], "group_size"),
-    (["--method", "nope"], "unknown method 'nope'"),
-    (["--method", "rtn", "--act-order"], "act_order"),
+    (["--method", "nope"], "unknown step 'nope'"),
+    (["--method", "rtn", "--act-order"], "--act-order is an option of"),
 ])
 def test_invalid_config_one_line(argv, msg, pico, tmp_path, capsys):
     code, _, err = run(["quantize", str(pico()), str(tmp_path / "o"), "--quiet", *argv], capsys)
@@ -141,8 +141,39 @@ def test_quantize_and_eval_end_to_end(pico, tmp_path, calib_file, capsys):
 def test_generated_calibration_when_no_data(pico, tmp_path):
     import weightsmith
 
-    rep = weightsmith.quantize(pico(), {"method": "rtn", "calib": {"nsamples": 4, "seqlen": 16, "seed": 1}}, out=tmp_path / "q", progress=False)
+    rep = weightsmith.quantize(pico(), {"method": "gptq", "calib": {"nsamples": 4, "seqlen": 16, "seed": 1}}, out=tmp_path / "q", progress=False)
     assert rep["calibration"]["kind"] == "generated" and "sampled from the model" in rep["calibration"]["note"]
+
+
+def test_data_free_recipe_takes_no_calibration(pico, tmp_path, monkeypatch):
+    """RTN and magnitude pruning need nothing: no text is read or sampled, no calibration forward runs."""
+    import weightsmith
+    import weightsmith.api as api
+    from weightsmith.engine import sequential
+
+    def boom(*a, **k):
+        raise AssertionError("calibration was built for a data-free recipe")
+
+    monkeypatch.setattr(api, "_calibration", boom)
+    monkeypatch.setattr(sequential.SequentialRunner, "run", boom)
+    src = pico()
+    rep = weightsmith.quantize(src, {"method": "rtn", "grid": {"bits": 4, "group_size": 32}}, out=tmp_path / "q", progress=False)
+    assert rep["calibration"]["kind"] == "none" and rep["summary"]["layers"] == 14
+    assert "mean_error" not in rep["summary"] and "mean_rtn_error" not in rep["summary"]  # no H: no output errors, no RTN baseline
+    assert 0 < rep["summary"]["mean_weight_error"] < 0.05 and rep["summary"]["bits_per_weight"] == pytest.approx(4.5)
+    pruned = weightsmith.quantize(src, {"method": "magnitude:pattern=2:4"}, out=tmp_path / "p", progress=False)
+    row = pruned["layers"][0]
+    assert pruned["calibration"]["kind"] == "none" and "grid" not in row
+    assert row["bits"]["mask"] == 3 * row["shape"][0] * row["shape"][1] // 4  # 2:4 index bits
+    from safetensors import safe_open
+
+    from weightsmith.encodings import META_KEY
+
+    f = tmp_path / "p" / "qparams" / "block-00000.safetensors"
+    with safe_open(str(f), "pt") as fh:
+        assert '"pattern": "2:4"' in fh.metadata()[META_KEY]
+    qp = load_file(f)
+    assert qp[f"{row['name']}.mask"].dtype == torch.uint8
 
 
 def test_encoder_needs_calibration_text(pico, tmp_path, capsys):

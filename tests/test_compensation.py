@@ -14,7 +14,7 @@ from weightsmith.config import GridConfig, build_config
 from weightsmith.errors import WeightsmithError
 from weightsmith.quant import registry
 from weightsmith.quant.grid import dequantize_groups
-from weightsmith.quant.gptq import GPTQConfig, inverse_cholesky, triu_solve_term
+from weightsmith.quant.gptq import GPTQConfig, family_quantize, inverse_cholesky, triu_solve_term
 from weightsmith.quant.registry import LayerStats
 from weightsmith.quant.rtn import rtn_quantize
 from conftest import calib_ids
@@ -29,7 +29,7 @@ def run(method: str | dict, w, x, xt, grid=GRID, **opts):
     n = x.shape[0]
     h = x.t() @ x / n
     stats = LayerStats(h, n, (xt - x).t() @ x / n)
-    return registry.get(cfg.name).quantize(w, h, grid, cfg, base=rtn_quantize(w, grid), stats=stats)
+    return family_quantize(w, h, grid, cfg, base=rtn_quantize(w, grid), stats=stats)
 
 
 def float_objective(w, q, x, xt) -> float:
@@ -121,15 +121,16 @@ def test_combinations_resolve_to_one_config():
     assert build_config({"method": {"name": "gptaq+rescomp"}}).method.name == "rescomp"  # ResComp includes GPTAQ's term
     assert build_config({"method": "gptq+foem"}).method.name == "foem"
     assert build_config({"method": "gptaq+foem"}).grid.clip_search is True  # the family's clip-search default
-    assert registry.get("gptaq+foem").needs_float_path and registry.get("rescomp").needs_float_path
-    assert not registry.get("foem").needs_float_path and not registry.get("gptq").needs_float_path
+    needs = {n: build_config({"method": n}).needs() for n in ("gptaq+foem", "rescomp", "foem", "gptq")}
+    assert "dXX" in needs["gptaq+foem"] and "dXX" in needs["rescomp"]
+    assert "dXX" not in needs["foem"] and "dXX" not in needs["gptq"]
     assert {registry.get(n).kind for n in ("gptq", "gptaq", "foem", "rescomp", "gptaq+foem")} == {"quantizer"}
 
 
 @pytest.mark.parametrize("method,why", [
     ("rescomp+foem", "already contains FOEM"),
     ("gptaq+gptaq", "names a part twice"),
-    ("gptaq+awq9", "unknown method 'awq9'"),
+    ("gptaq+awq9", "unknown step 'awq9'"),
     ({"name": "gptq", "foem_beta": 0.1}, "foem_beta applies to methods with foem"),
     ({"name": "foem", "gptaq_alpha": 0.5}, "gptaq_alpha applies to methods with gptaq"),
 ])
@@ -142,7 +143,7 @@ def test_float_path_method_without_float_statistics_refuses(problem):
     w, x, _ = problem
     h = x.t() @ x / x.shape[0]
     with pytest.raises(WeightsmithError, match="float-path statistics"):
-        registry.get("gptaq").quantize(w, h, GRID, build_config({"method": "gptaq"}).method, stats=LayerStats(h, x.shape[0]))
+        family_quantize(w, h, GRID, build_config({"method": "gptaq"}).method, stats=LayerStats(h, x.shape[0]))
 
 
 def test_cli_selects_a_combination(tmp_path):

@@ -7,7 +7,8 @@ import torch
 from weightsmith.config import build_config
 from weightsmith.quant.grid import relative_error
 from weightsmith.quant.lorc import lowrank_factors
-from weightsmith.quant.pipeline import bits_per_weight, run_group
+from weightsmith.encodings import Grid, LowRank, layer_bits
+from weightsmith.quant.pipeline import run_group
 from weightsmith.quant.registry import LayerStats
 from weightsmith.quant.rtn import rtn_quantize
 
@@ -61,22 +62,28 @@ def test_pipeline_lorc_per_layer_after_gptq():
     lorc = build_config({"method": ["gptq", {"name": "lorc", "rank": 4}], "grid": {"bits": 3, "group_size": 32}})
     r0 = run_group([W[:16], W[16:]], LayerStats(H), base)
     r1 = run_group([W[:16], W[16:]], LayerStats(H), lorc)
-    assert r0.lowrank == [None, None]
-    assert [lr[0].shape for lr in r1.lowrank] == [(16, 4), (32, 4)] and [lr[1].shape for lr in r1.lowrank] == [(4, 96), (4, 96)]
+    assert r0.state.find(LowRank) is None
+    per_layer = r1.state.find(LowRank).split([16, 32])
+    (A0, B0), = per_layer[0].factors
+    assert [lr.factors[0][0].shape for lr in per_layer] == [(16, 4), (32, 4)] and [lr.factors[0][1].shape for lr in per_layer] == [(4, 96), (4, 96)]
     # the correction sits on top of the same grid weights
-    assert torch.allclose(r1.weight[:16], r0.weight[:16] + r1.lowrank[0][0] @ r1.lowrank[0][1], atol=1e-6)
+    assert torch.allclose(r1.weight[:16], r0.weight[:16] + A0 @ B0, atol=1e-6)
     assert relative_error(r1.effective - W, W, H) < 0.8 * relative_error(r0.effective - W, W, H)
 
 
 def test_bits_per_weight_exact():
     # 128×256, 4 bits, groups of 64 → 4 groups per row
     n = 128 * 256
-    assert bits_per_weight((128, 256), 4, 4, True, False)["bits_per_weight"] == pytest.approx(4 + 16 * 128 * 4 / n)  # 4.25
-    asym = bits_per_weight((128, 256), 4, 4, False, False)
-    assert asym["bits_per_weight"] == pytest.approx(4.25 + 4 * 128 * 4 / n)  # + 4-bit zero per group
-    perm = bits_per_weight((128, 256), 4, 4, True, True)
-    assert perm["bits_per_weight"] == pytest.approx(4.25 + 32 * 256 / n)  # + int32 g_idx per column
-    lr = bits_per_weight((128, 256), 4, 4, True, False, rank=8)
+    natural = (torch.arange(256) // 64).int()
+
+    def grid(sym=True, g_idx=natural):
+        return Grid(4, 64, sym, torch.ones(128, 4), torch.full((128, 4), 8), g_idx)
+
+    assert layer_bits((128, 256), [grid()])["bits_per_weight"] == pytest.approx(4 + 16 * 128 * 4 / n)  # 4.25
+    assert layer_bits((128, 256), [grid(False)])["bits_per_weight"] == pytest.approx(4.25 + 4 * 128 * 4 / n)  # + 4-bit zero per group
+    perm = grid(g_idx=natural[torch.randperm(256, generator=torch.Generator().manual_seed(0))])
+    assert layer_bits((128, 256), [perm])["bits_per_weight"] == pytest.approx(4.25 + 32 * 256 / n)  # + int32 g_idx per column
+    lr = layer_bits((128, 256), [grid(), LowRank([(torch.zeros(128, 8), torch.zeros(8, 256))])])
     assert lr["bits_per_weight"] == pytest.approx(4.25 + 16 * 8 * (128 + 256) / n) == 5.75
     assert lr["bits"] == {"weights": 4 * n, "scales": 16 * 512, "zeros": 0, "g_idx": 0, "lowrank": 16 * 8 * 384}
 
@@ -93,5 +100,5 @@ def test_report_counts_lorc_and_stores_factors(pico, tmp_path):
     assert row["lorc_rank"] == 8
     assert row["bits_per_weight"] == pytest.approx((4 * o * i + (16 + 4) * o * (i // 32) + 16 * 8 * (o + i)) / (o * i))
     qp = load_file(tmp_path / "q" / "qparams" / "block-00000.safetensors")
-    assert qp["model.layers.0.mlp.down_proj.lorc_a"].shape == (64, 8) and qp["model.layers.0.mlp.down_proj.lorc_b"].shape == (8, 128)
+    assert qp["model.layers.0.mlp.down_proj.lowrank_a"].shape == (64, 8) and qp["model.layers.0.mlp.down_proj.lowrank_b"].shape == (8, 128)
     assert "bits_per_weight" in rep["summary"] and rep["summary"]["bits_per_weight_parts"]["lowrank"] > 0

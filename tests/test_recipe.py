@@ -16,11 +16,16 @@ def parse_q(*argv):
 def test_cli_yaml_python_same_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: [{name: awq, n_grid: 10}, {name: gptq, act_order: false}, {name: lorc, rank: 16}]\ngrid: {bits: 3}\n")
-    from_cli = parse_q("--method", "awq,gptq,lorc", "--awq-grid", "10", "--no-act-order", "--lorc-rank", "16", "--bits", "3")
+    from_cli = parse_q("--method", "awq,gptq,lorc", "--awq-n-grid", "10", "--no-act-order", "--lorc-rank", "16", "--bits", "3")
+    from_grammar = parse_q("--method", "awq:n_grid=10,gptq:act_order=false,lorc:rank=16", "--bits", "3")
+    from_set = parse_q("--method", "awq,gptq,lorc", "--set", "awq.n_grid=10", "--set", "quantizer.act_order=false", "--set", "lorc.rank=16",
+                       "--set", "grid.bits=3")
     from_yaml = parse_q("--recipe", str(recipe))
+    steps_yaml = tmp_path / "s.yaml"
+    steps_yaml.write_text("steps: 'awq:n_grid=10,gptq:act_order=false,lorc:rank=16'\ngrid: {bits: 3}\n")
     from_py = build_config({"method": [{"name": "awq", "n_grid": 10}, {"name": "gptq", "act_order": False}, {"name": "lorc", "rank": 16}],
                             "grid": {"bits": 3}})
-    assert from_cli == from_yaml == from_py
+    assert from_cli == from_grammar == from_set == from_yaml == parse_q("--recipe", str(steps_yaml)) == from_py
     assert from_cli.recipe == "awq,gptq,lorc" and from_cli.method.name == "gptq" and not from_cli.method.act_order
     assert [t.n_grid for t in from_cli.transforms] == [10] and [c.rank for c in from_cli.corrections] == [16]
     assert from_cli.grid.clip_search  # the quantizer's default (gptq: on)
@@ -28,14 +33,26 @@ def test_cli_yaml_python_same_recipe(tmp_path):
     assert parse_q("--recipe", str(recipe), "--lorc-rank", "4").corrections[0].rank == 4
     assert build_config(from_cli.to_dict()) == from_cli
     d = from_cli.to_dict()
-    assert d["method"]["name"] == "gptq" and d["transforms"][0]["name"] == "awq" and d["corrections"][0]["name"] == "lorc"
+    assert [s["name"] for s in d["steps"]] == ["awq", "gptq", "lorc"]
+
+
+def test_step_grammar_round_trips():
+    from weightsmith.config import parse_steps, step_text
+
+    cfg = build_config({"method": "magnitude:sparsity=0.25:pattern=2:4,gptq:damp=0.05,lorc:rank=4"})
+    assert [step_text(s) for s in cfg.steps] == ["magnitude:sparsity=0.25:pattern=2:4", "gptq:damp=0.05", "lorc:rank=4"]
+    assert cfg.steps[0].pattern == "2:4" and cfg.steps[0].sparsity == 0.25
+    assert build_config({"method": ",".join(step_text(s) for s in cfg.steps)}) == cfg
+    assert parse_steps("rescomp:float_samples=64") == [{"name": "rescomp", "float_samples": 64}]
 
 
 def test_old_forms_still_work():
     a = build_config({"method": "gptq"})
     b = build_config({"method": {"name": "gptq"}})
     c = build_config(method={"name": "gptq"})
+    d = build_config({"transforms": ["awq"], "method": "gptq", "corrections": [{"name": "lorc"}]})
     assert a == b == c and a.transforms == [] and a.corrections == [] and a.recipe == "gptq"
+    assert d.recipe == "awq,gptq,lorc"
     # an options mapping updates the matching step of a recipe
     r = build_config({"method": "awq,gptq"}, method={"name": "gptq", "damp": 0.05})
     assert r.recipe == "awq,gptq" and r.method.damp == 0.05
@@ -44,51 +61,89 @@ def test_old_forms_still_work():
 
 
 @pytest.mark.parametrize("recipe,expect", [
-    ("awq", "awq,rtn"),  # RTN implied
     ("awq,gptq", "awq,gptq"),
     ("gptq,lorc", "gptq,lorc"),
     ("awq,gptq,lorc", "awq,gptq,lorc"),
-    ("lorc", "rtn,lorc"),
     (" awq , rtn ", "awq,rtn"),
+    ("magnitude", "magnitude"),  # a pure pruning recipe
+    ("wanda,gptq", "wanda,gptq"),  # prune, then quantize with the mask kept
+    ("magnitude,lorc", "magnitude,lorc"),
+    ("bitalloc:target_bpw=3.25,gptq,tune_scales", "bitalloc,gptq,tune_scales"),
 ])
-def test_bench_recipe_strings(recipe, expect):
+def test_valid_recipes(recipe, expect):
     assert build_config({"method": recipe}).recipe == expect
 
 
-def test_combined_quantizer_recipe_when_available():
-    if "gptaq" not in registry.names() or "foem" not in registry.names():
-        pytest.skip("gptaq/foem not in this branch's registry")
-    assert build_config({"method": "awq,gptaq+foem,lorc"}).recipe == "awq,gptaq+foem,lorc"
+def test_needs_are_the_union_of_the_steps():
+    assert build_config({"method": "rtn"}).needs() == frozenset()
+    assert build_config({"method": "magnitude,rtn"}).needs() == frozenset()
+    assert build_config({"method": "rtn,lorc:whiten=false"}).needs() == frozenset()
+    assert build_config({"method": "rtn,lorc"}).needs() == {"H"}
+    assert build_config({"method": "wanda"}).needs() == {"input_norms"}
+    assert build_config({"method": "gptq"}).needs() == {"H"}
+    assert build_config({"method": "rescomp"}).needs() == {"H", "dXX"}
+    assert build_config({"method": "gptq,tune_scales"}).needs() == {"H", "grad", "float_block"}
+    assert build_config({"method": "gptq,tune_scales:target=float_path"}).needs() == {"H", "grad", "float_targets"}
+    # a rule can switch a step option that changes the needs
+    assert build_config({"method": "rtn,lorc:whiten=false", "rules": [{"match": "down", "steps": {"lorc": {"whiten": True}}}]}).needs() == {"H"}
 
 
 @pytest.mark.parametrize("recipe,msg", [
     ("gptq,rtn", "two quantizers (gptq and rtn)"),
-    ("lorc,gptq", "lorc corrects the quantizer's result and must come after gptq"),
+    ("lorc,gptq", "lorc (a correction) works on the result of a quantizer or a pruner: put one before it"),
     ("awq,awq", "awq given twice"),
-    ("gptq,awq", "awq transforms the weights before quantization and must come before the quantizer"),
-    ("awq,nope", "unknown method 'nope'"),
+    ("gptq,awq", "awq (a transform) must come before gptq (a quantizer)"),
+    ("gptq,magnitude", "magnitude (a pruner) must come before gptq (a quantizer)"),
+    ("awq", "awq rescales the weights for a quantizer or pruner after it; add one"),
+    ("tune_scales", "tune_scales (a block) works on the result of a quantizer"),
+    ("rtn,tune_scales,lorc", "lorc (a correction) must come before tune_scales (a block)"),
+    ("gptq,bitalloc", "bitalloc (a planner) must come before gptq"),
+    ("awq,nope", "unknown step 'nope'"),
     ("awq,,gptq", "empty step"),
+    ("gptq:damp", "is not KEY=VALUE"),
+    ("magnitude:pattern=4:2", "N:M with 0 < N < M"),
     ([{"name": "lorc", "rank": 0}], "rank"),
     ([{"name": "awq", "alpha": 1}], "alpha"),
 ])
 def test_invalid_recipes(recipe, msg):
-    with pytest.raises(WeightsmithError, match=None) as e:
+    with pytest.raises(WeightsmithError) as e:
         build_config({"method": recipe})
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--method", "gptq", "--lorc-rank", "4"], "--lorc-rank needs a lorc step"),
-    (["--method", "gptq,awq"], "must come before the quantizer"),
-    (["--method", "awq", "--damp", "0.1"], "damp"),
+    (["--method", "gptq", "--lorc-rank", "4"], "--lorc-rank is an option of lorc: the recipe (gptq) has none of them"),
+    (["--method", "gptq,awq"], "must come before gptq"),
+    (["--method", "rtn", "--damp", "0.1"], "--damp is an option of"),
+    (["--method", "gptq", "--set", "lorc.rank=3"], "the recipe (gptq) has no step lorc"),
+    (["--method", "gptq", "--set", "nonsense=3"], "nonsense is not a configuration field"),
+    (["--method", "gptq", "--rule", "down_proj:bits=9"], "grid.bits"),
+    (["--method", "gptq", "--rule", "(:bits=3"], "invalid regex"),
+    (["--method", "gptq", "--rule", "down_proj:lorc.rank=3"], "sets options of lorc, which is not a step of the recipe"),
 ])
 def test_cli_errors_one_line(argv, msg, pico, tmp_path, capsys):
     src = pico()
     capsys.readouterr()  # drop what the fixture printed
     code = main(["quantize", str(src), str(tmp_path / "o"), "--quiet", *argv])
     _, err = capsys.readouterr()
-    assert code == 2 and msg in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert code == 2 and msg in err and err.count("\n") == 1 and err.startswith("error: "), err
     assert not (tmp_path / "o").exists()
+
+
+def test_step_flags_come_from_the_typed_configs():
+    """Every option of every registered step has a flag with its Field description as help."""
+    from weightsmith.cli import STEP_FLAGS, build_parser
+    from weightsmith.quant import registry
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
+    for spec in registry.steps():
+        for fname, f in spec.config_cls.model_fields.items():
+            if fname == "name":
+                continue
+            flag = fname if spec.kind in ("quantizer", "pruner") else f"{spec.name}_{fname}"
+            assert "step__" + flag in STEP_FLAGS, flag
+            assert "--" + flag.replace("_", "-") in help_text
+    assert "rank r of the correction" in help_text.replace("\n", " ").replace("  ", " ") or "rank r" in help_text
 
 
 # ---- real weights: SmolLM2-135M layers with their real calibration inputs ---------------------------

@@ -16,6 +16,8 @@ from .config import QuantizeConfig, build_config
 from .errors import WeightsmithError
 from .model.adapter import LazyModel
 from .model.source import CheckpointSource
+from .engine.streamer import CALIBRATED
+from .quant import registry
 from .report import peak_rss_mb, summarize, versions, write_report
 
 log = logging.getLogger(__name__)
@@ -102,16 +104,29 @@ def _quantize(model, cfg: QuantizeConfig, calibration, out: Path, overwrite: boo
             w.check_space(_output_bytes(source, lm, cfg, calibration, sdt) - done)  # a resume needs only the rest
             return w
 
+        needs = cfg.needs()
+        planner = next((s for s in cfg.steps if registry.get(s.name).kind == "planner"), None)
+        if planner is not None and dist is not None:
+            raise WeightsmithError(f"{planner.name} (a planner) does not run data-parallel yet; run it in one process")
         work = _on_rank0(dist, make_work)
-        ids, calib_source = _on_rank0(dist, lambda: _calibration(cfg, source, lm, calibration, progress)) or (None, None)
-        if dist is not None:
-            ids = dist.broadcast_ids(ids)
+        if needs & CALIBRATED:
+            ids, calib_source = _on_rank0(dist, lambda: _calibration(cfg, source, lm, calibration, progress)) or (None, None)
+            if dist is not None:
+                ids = dist.broadcast_ids(ids)
+        else:  # a data-free recipe: no calibration text is read, sampled or run
+            ids, calib_source = None, {"kind": "none", "why": f"no step of {cfg.recipe} needs calibration data"}
+            if calibration is not None or cfg.calib.path is not None:
+                log.info("the recipe %s needs no calibration data: the calibration given is not used", cfg.recipe)
         key = {"config": {k: v for k, v in cfg.to_dict().items() if k != "device"}, "input": source.fingerprint(),
-               "calibration": digest(ids), "world_size": 1 if dist is None else dist.world,
+               "calibration": digest(ids) if ids is not None else None, "world_size": 1 if dist is None else dist.world,
                "save_dtype": str(sdt).removeprefix("torch.") if sdt else None}
-        if dist is not None:
+        if dist is not None and ids is not None:
             ids = dist.share(ids)
         tmp = _on_rank0(dist, lambda: stack.enter_context(work))
+        rules, plan = None, None
+        if planner is not None:
+            rules, plan = _plan(lm, cfg, planner, ids, tmp, key, resume, progress)
+            key["plan"] = digest([r.model_dump() for r in rules])
         if not rank0:  # rank 0 has made OUT.partial; on a filesystem not shared with it, keep this rank's state locally
             tmp = out.parent / f"{out.name}.partial"
             if not tmp.is_dir():
@@ -119,7 +134,7 @@ def _quantize(model, cfg: QuantizeConfig, calibration, out: Path, overwrite: boo
         ckpt = Checkpointer(tmp, key, len(lm.blocks), rank=0 if dist is None else dist.rank,
                             world=1 if dist is None else dist.world, resume=resume,
                             barrier=dist.barrier if dist is not None else None)
-        res = stream_quantize(lm, cfg, ids, tmp, progress=progress, save_dtype=sdt, ckpt=ckpt, dist=dist)
+        res = stream_quantize(lm, cfg, ids, tmp, progress=progress, save_dtype=sdt, ckpt=ckpt, dist=dist, rules=rules)
         if not rank0:
             return {"rank": dist.rank, "blocks_computed": res.computed}
         for f in source.aux_files():
@@ -139,14 +154,46 @@ def _quantize(model, cfg: QuantizeConfig, calibration, out: Path, overwrite: boo
             "blocks_computed": res.computed,
             "resumed_from_block": res.blocks - res.computed if res.computed < res.blocks else None,
             "unquantized_layers": res.unreached,
+            "skipped_layers": res.skipped,
+            **({"plan": plan} if plan is not None else {}),
             "wall_time_s": round(time.time() - t0, 2),
             "peak_rss_mb": peak_rss_mb(),
-            "summary": summarize(res.layers),
+            "summary": summarize(res.layers, cfg.steps),
             "layers": res.layers,
         }
         write_report(tmp, report)
     log.info("wrote %s in %.1f s (peak RSS %.0f MB)", out, report["wall_time_s"], report["peak_rss_mb"])
     return report
+
+
+PLAN_FILE = "plan.json"
+
+
+def _plan(lm: LazyModel, cfg: QuantizeConfig, planner, ids: torch.Tensor, tmp: Path, key: dict, resume: bool, progress: bool):
+    """Measure → plan: the planner's first pass and its per-layer rules, kept in ``OUT.partial/plan.json``
+    (with the job key it was made for), so a resumed run applies the same plan without measuring again."""
+    import json
+
+    from .config import Rule
+    from .engine.checkpoint import _write_json_atomic
+    from .engine.streamer import measure_pass
+
+    path = tmp / PLAN_FILE
+    if resume and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightsmithError(f"cannot resume: {path} is corrupt; pass --overwrite to start over") from None
+        if saved.get("key") == key:
+            log.info("resuming with the plan measured before (%s)", path)
+            return [Rule(**r) for r in saved["rules"]], saved["plan"]
+    t0 = time.time()
+    spec = registry.get(planner.name)
+    measurements = measure_pass(lm, cfg, ids, planner, progress)
+    rules, summary = spec.planner.plan(measurements, planner, cfg)
+    plan = {**summary, "measure_seconds": round(time.time() - t0, 2)}
+    _write_json_atomic(path, {"key": key, "rules": rules, "plan": plan, "measurements": measurements})
+    return [Rule(**r) for r in rules], plan
 
 
 def _on_rank0(dist, fn):
@@ -172,9 +219,8 @@ def _output_bytes(source: CheckpointSource, lm: LazyModel, cfg: QuantizeConfig, 
     """Disk the run needs: the output tensors in their stored dtype, and two generations of the
     resume state (the hidden states of all calibration tokens, float32, and of the samples that
     also carry the float path when the method has one)."""
-    from .engine.streamer import float_chunks
+    from .engine.streamer import CALIBRATED, FLOAT_PATH, float_chunks
     from .model.saving import stored_dtype
-    from .quant import registry
 
     weights = 0
     for key in source.keys():
@@ -182,11 +228,14 @@ def _output_bytes(source: CheckpointSource, lm: LazyModel, cfg: QuantizeConfig, 
         for d in source.shape(key):
             n *= d
         weights += n * stored_dtype(source.dtype(key), sdt).itemsize
-    if isinstance(calibration, torch.Tensor):  # not validated yet: any shape
+    needs = cfg.needs()
+    if not needs & CALIBRATED:
+        samples, tokens = 0, 0
+    elif isinstance(calibration, torch.Tensor):  # not validated yet: any shape
         samples, tokens = (int(calibration.shape[0]) if calibration.ndim else 1), calibration.numel()
     else:
         samples, tokens = cfg.calib.nsamples, cfg.calib.nsamples * cfg.calib.seqlen
-    if registry.get(cfg.method.name).needs_float_path and samples:  # float_hidden is committed beside hidden
+    if needs & FLOAT_PATH and samples:  # float_hidden is committed beside hidden
         tokens += tokens * min(samples, float_chunks(cfg, -(-samples // cfg.chunk_size)) * cfg.chunk_size) // samples
     text = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     state = 2 * tokens * int(getattr(text, "hidden_size", 0) or 0) * 4

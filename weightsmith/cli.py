@@ -18,28 +18,21 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face model directory (safetensors) or .gguf file")
     p.add_argument("out", help="output directory (a Hugging Face model directory)")
     p.add_argument("--recipe", help="YAML recipe (method:, grid:, calib:, ...); flags given here override it")
-    m = p.add_argument_group("method")
-    m.add_argument("--method", help="recipe: steps in order, comma-separated: [awq,] quantizer [,lorc]; quantizers: rtn | gptq | "
-                                    f"gptaq | foem | rescomp | a +-combination such as gptaq+foem (default: {default_recipe_text()}; only awq: awq,rtn); "
-                                    "e.g. awq,gptaq+foem,lorc")
-    m.add_argument("--act-order", dest="act_order", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ: quantize columns by descending Hessian diagonal (default on)")
-    m.add_argument("--static-groups", dest="static_groups", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ: group scales from the original weights (default on)")
-    m.add_argument("--damp", type=float, help="GPTQ: initial damping as a fraction of mean(diag H) (default 0.01; escalates on failure)")
-    m.add_argument("--block-size", type=int, help="GPTQ: columns per lazy update (default 128)")
-    for opt, what in (("gptaq-alpha", "GPTAQ/ResComp: asymmetric term weight (0.25)"), ("foem-beta", "FOEM: first-order term weight (0.2)"),
-                      ("rescomp-alpha", "ResComp: compensation-aware term weight (0.25)")):
-        m.add_argument(f"--{opt}", type=float, help=what)
-    m.add_argument("--float-samples", dest="float_samples", type=int,
-                   help="GPTAQ/ResComp: run only this many calibration samples through the float model too (whole chunks; "
-                        "default all, or the default recipe's): less time and memory, dXX estimated on fewer tokens")
-    m.add_argument("--awq-grid", dest="awq_n_grid", type=int, help="AWQ: number of α candidates in [0, 1) (default 20)")
-    m.add_argument("--awq-require-fold", dest="awq_require_fold", action=argparse.BooleanOptionalAction, default=None,
-                   help="AWQ: error when a layer group's input producer cannot absorb the scale (default: leave it unscaled)")
-    m.add_argument("--lorc-rank", dest="lorc_rank", type=int, help="LoRC: rank of the low-rank error correction (default 8)")
-    m.add_argument("--lorc-whiten", dest="lorc_whiten", action=argparse.BooleanOptionalAction, default=None,
-                   help="LoRC: minimise the output error (SVD of E·H^1/2) rather than the weight error (default on)")
+    m = p.add_argument_group("recipe")
+    m.add_argument("--method", help="the recipe: steps in order, comma-separated, each NAME[:OPTION=VALUE...]; kinds in this order: "
+                                    "planner (bitalloc), transform (awq), pruner (magnitude, wanda), one quantizer (rtn, gptq, gptaq, foem, "
+                                    "rescomp or a +-combination such as gptaq+foem), correction (lorc), block step (tune_scales). "
+                                    f"Default: {default_recipe_text()}. E.g. awq,gptaq+foem,lorc:rank=16 or magnitude:pattern=2:4,gptq")
+    m.add_argument("--set", dest="sets", action="append", default=[], metavar="STEP.OPTION=VALUE",
+                   help="set an option of a recipe step (a step name, or quantizer/pruner), or a config field (grid.bits=3, "
+                        "calib.nsamples=64, chunk_size=8); repeatable")
+    m.add_argument("--rule", dest="rules", action="append", default=[], metavar="REGEX:KEY=VALUE...",
+                   help="per-layer rule on the layers whose name matches REGEX: grid fields (bits=8:group_size=128), step options "
+                        "(gptq.damp=0.1) or skip=true (keep them in float); later rules override earlier ones; repeatable")
+    m.add_argument("--target-bpw", dest="target_bpw", type=float,
+                   help="choose bits and group size per layer group to minimise the measured output error at this many bits per "
+                        "weight (adds the planner step bitalloc:target_bpw=X; its candidates via --bitalloc-bits, --bitalloc-group-sizes)")
+    add_step_flags(p)
     g = p.add_argument_group("grid")
     g.add_argument("--bits", type=int, help="2..8 (default 4)")
     g.add_argument("--group-size", type=int, help="columns per scale, -1 = per output row (default 64); need not divide the width")
@@ -81,48 +74,123 @@ def _export_kwargs(a: argparse.Namespace) -> dict:
     return {"gguf_type": a.gguf_type, "gguf_template": a.gguf_template, "gptq_version": a.gptq_version}
 
 
-STEP_EXAMPLE = {"awq": "awq,gptq", "lorc": "gptq,lorc"}
-STEP_FLAGS = {  # step name → {flag dest: option name}; the quantizer's flags go to whichever quantizer the recipe has
-    "awq": {"awq_n_grid": "n_grid", "awq_require_fold": "require_fold"},
-    "lorc": {"lorc_rank": "rank", "lorc_whiten": "whiten"},
-}
-QUANTIZER_FLAGS = {"act_order": "act_order", "static_groups": "static_groups", "damp": "damp", "block_size": "block_size",
-                   "gptaq_alpha": "gptaq_alpha", "foem_beta": "foem_beta", "rescomp_alpha": "rescomp_alpha",
-                   "float_samples": "float_samples"}
+UNPREFIXED_KINDS = ("quantizer", "pruner")  # their options are flags of their own name: --damp, --sparsity; others: --lorc-rank
+STEP_FLAGS: dict[str, tuple[str, str, list[str]]] = {}  # argparse dest -> (flag, option, step names that have it)
 
 
-def _recipe_from_args(a: argparse.Namespace, data: dict) -> list[dict]:
-    """The recipe's steps (``--method`` or the YAML's), with the step options given as flags applied."""
-    from .config import _step_kind, parse_steps, recipe_steps
+def _flag_type(annotation):
+    """argparse keyword arguments for a pydantic field's annotation (bool, int, float, str, Literal, Optional, list)."""
+    import typing
 
-    steps = [dict(s) for s in (parse_steps(a.method) if a.method else recipe_steps(data))]
-    for step_name, flags in STEP_FLAGS.items():
-        given = {opt: getattr(a, dest) for dest, opt in flags.items() if getattr(a, dest) is not None}
-        if not given:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        return _flag_type(next(a for a in args if a is not type(None)))
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is typing.Literal:
+        return {"choices": [str(a) for a in args]}
+    if origin is list:
+        inner = args[0] if args else str
+        return {"type": lambda s, t=inner: [t(x) for x in s.split(",")], "metavar": "A,B,..."}
+    if annotation in (int, float, str):
+        return {"type": annotation}
+    return {"type": str}
+
+
+def add_step_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per option of every registered step, with its help from the typed config (pydantic
+    ``Field`` descriptions): quantizers' and pruners' options by their own name (``--damp``,
+    ``--sparsity``), the others prefixed by the step (``--lorc-rank``, ``--awq-n-grid``)."""
+    from .quant import registry
+
+    found: dict[str, list] = {}
+    for spec in registry.steps():
+        for fname, f in spec.config_cls.model_fields.items():
+            if fname == "name":
+                continue
+            flag = fname if spec.kind in UNPREFIXED_KINDS else f"{spec.name}_{fname}"
+            found.setdefault(flag, []).append((spec, fname, f))
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for flag, entries in sorted(found.items()):
+        spec, fname, f = entries[0]
+        kind = spec.kind
+        if kind not in groups:
+            groups[kind] = p.add_argument_group(f"{kind} options", f"options of the recipe's {kind} step (also --set STEP.{'OPTION'}=VALUE)")
+        names = sorted({e[0].name for e in entries})
+        dest = "step__" + flag
+        default = f.default if f.default_factory is None else f.default_factory()
+        desc = (f.description or "").replace("%", "%%")
+        kw = _flag_type(f.annotation)
+        if "type" in kw and "metavar" not in kw:
+            kw["metavar"] = fname.upper()
+        groups[kind].add_argument("--" + flag.replace("_", "-"), dest=dest, default=None,
+                                  help=f"{'/'.join(names) if len(names) < 4 else names[0] + ' and its family'}: {desc} (default {default})",
+                                  **kw)
+        STEP_FLAGS[dest] = (flag, fname, names)
+
+
+def _steps_from_args(a: argparse.Namespace, data: dict) -> tuple[dict, list[dict]]:
+    """The recipe's steps (``--method`` or the YAML's) with the generated step flags, ``--set`` and
+    ``--target-bpw`` applied; and the config mapping with ``--set``'s config fields."""
+    from .config import _step_kind, apply_sets, parse_steps, recipe_of, resolve_step
+    from .quant import registry
+
+    steps = [s.model_dump() if not isinstance(s, dict) else dict(s) for s in (parse_steps(a.method) if a.method else recipe_of(data))]
+    for dest, (flag, opt, names) in STEP_FLAGS.items():
+        val = getattr(a, dest, None)
+        if val is None:
             continue
-        targets = [st for st in steps if st["name"] == step_name]
+        targets = [st for st in steps if registry.get(st["name"]).name in names or registry.canonical_name(st["name"]) in names]
         if not targets:
-            flag = "--" + next(iter(d for d, o in flags.items() if o in given)).replace("_", "-")
-            raise WeightsmithError(f"{flag} needs a {step_name} step in the recipe (e.g. --method {STEP_EXAMPLE[step_name]})")
-        targets[0].update(given)
-    qopts = {opt: getattr(a, dest) for dest, opt in QUANTIZER_FLAGS.items() if getattr(a, dest) is not None}
-    if qopts:
-        qs = [st for st in steps if _step_kind(st) == "quantizer"]
-        if qs:
-            qs[0].update(qopts)
-        else:  # only a transform/correction: the implied RTN gets them (and rejects them clearly)
-            n_t = sum(1 for st in steps if _step_kind(st) == "transform")
-            steps.insert(n_t, {"name": "rtn", **qopts})
-    return steps
+            raise WeightsmithError(f"--{flag.replace('_', '-')} is an option of {', '.join(names)}: the recipe "
+                                   f"({','.join(st['name'] for st in steps)}) has none of them")
+        for st in targets:
+            st[opt] = val
+    if a.target_bpw is not None:
+        planners = [st for st in steps if _step_kind(st) == "planner"]
+        if planners:
+            planners[0]["target_bpw"] = a.target_bpw
+        else:
+            steps.insert(0, {"name": "bitalloc", "target_bpw": a.target_bpw})
+    data, steps = apply_sets(data, steps, a.sets)
+    for i, st in enumerate(steps):  # one-line errors now, before any work
+        resolve_step(st, f"steps[{i}]")
+    return data, steps
+
+
+def _rules_from_args(texts: list[str]) -> list[dict]:
+    """``--rule 'REGEX:bits=8:group_size=128'`` → ``{"match": REGEX, "grid": {...}, "steps": {...}, "skip": ...}``."""
+    from .config import GridConfig, _OPTION_SPLIT, _value
+
+    out = []
+    for t in texts:
+        pattern, *opts = _OPTION_SPLIT.split(t)
+        rule: dict = {"match": pattern, "grid": {}, "steps": {}}
+        for kv in opts:
+            k, _, v = kv.partition("=")
+            k, val = k.strip(), _value(v.strip())
+            if k == "skip":
+                rule["skip"] = bool(val)
+            elif "." in k:
+                step, _, opt = k.partition(".")
+                rule["steps"].setdefault(step, {})[opt] = val
+            elif k in GridConfig.model_fields:
+                rule["grid"][k] = val
+            else:
+                raise WeightsmithError(f"--rule {t!r}: {k} is neither a grid field ({', '.join(GridConfig.model_fields)}), skip, nor STEP.OPTION")
+        out.append(rule)
+    return out
 
 
 def _config_from_args(a: argparse.Namespace):
     from .config import build_config, load_recipe
 
     data = load_recipe(a.recipe) if a.recipe else {}
+    data, steps = _steps_from_args(a, data)
+    rules = [*(data.pop("rules", None) or []), *_rules_from_args(a.rules)]
     return build_config(
-        data,
-        method=_recipe_from_args(a, data),
+        {**data, **({"rules": rules} if rules else {})},
+        steps=steps,
         grid={"bits": a.bits, "group_size": a.group_size, "sym": a.sym, "clip_search": a.clip_search},
         calib={"path": a.calib, "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed},
         device=a.device,
@@ -147,6 +215,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     s = rep["summary"]
     print(json.dumps({"output": a.out, "wall_time_s": rep["wall_time_s"], "peak_rss_mb": rep["peak_rss_mb"],
                       "layers": s.get("layers"), "mean_error": s.get("mean_error"), "mean_rtn_error": s.get("mean_rtn_error"),
+                      "mean_weight_error": s.get("mean_weight_error"),
                       "bits_per_weight": s.get("bits_per_weight"),
                       **({"export": exported} if exported else {})}))
     return 0

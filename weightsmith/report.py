@@ -34,7 +34,7 @@ def peak_rss_mb() -> float:
 
 
 def bits_summary(layers: list[dict]) -> dict:
-    """Storage over all quantized layers: total bits / total weights, and the parts (see ``quant.pipeline.bits_per_weight``)."""
+    """Storage over all compressed layers: total bits / total weights, and the parts (see ``encodings.layer_bits``)."""
     rows = [r for r in layers if "bits" in r]
     if not rows:
         return {}
@@ -46,26 +46,34 @@ def bits_summary(layers: list[dict]) -> dict:
     return {"bits_per_weight": sum(parts.values()) / numel, "bits_per_weight_parts": {k: v / numel for k, v in parts.items()}}
 
 
-def summarize(layers: list[dict]) -> dict:
-    if not layers:
-        return {"layers": 0}
-    err = [r["error"] for r in layers]
-    rtn = [r["rtn_error"] for r in layers]
-    better = sum(e <= r for e, r in zip(err, rtn))
-    awq = [r["awq"] for r in layers if isinstance(r.get("awq"), dict)]
-    extra = {}
-    if awq:
-        extra["awq_scaled_layers"] = sum(1 for a in awq if "folded_into" in a)
-        extra["awq_unscaled"] = [{"name": r["name"], "why": r["awq"].get("skipped") or r["awq"]["dropped"]}
-                                 for r in layers if {"skipped", "dropped"} & set(r.get("awq") or {})]
-    return {**bits_summary(layers), **extra,
-        "layers": len(layers),
-        "mean_error": sum(err) / len(err),
-        "mean_rtn_error": sum(rtn) / len(rtn),
-        "layers_at_or_below_rtn": better,
-        "damping_escalated": [r["name"] for r in layers if r.get("damp_escalated")],
-        "fallbacks": [{"name": r["name"], "why": r["fallback"]} for r in layers if r.get("fallback")],
-    }
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(layers: list[dict], steps: list | None = None) -> dict:
+    """The report's summary; each step of the recipe may add entries of its own (``Step.summary``)."""
+    done = [r for r in layers if not r.get("skipped")]
+    if not done:
+        return {"layers": 0, "skipped_layers": len(layers)}
+    out: dict = {**bits_summary(done), "layers": len(done), "mean_weight_error": _mean([r["weight_error"] for r in done if "weight_error" in r])}
+    err = [r for r in done if "error" in r]
+    if err:
+        out["mean_error"] = _mean([r["error"] for r in err])
+    rtn = [r for r in done if "rtn_error" in r]
+    if rtn:
+        out["mean_rtn_error"] = _mean([r["rtn_error"] for r in rtn])
+        out["layers_at_or_below_rtn"] = sum(r["error"] <= r["rtn_error"] for r in rtn)
+    if len(done) < len(layers):
+        out["skipped_layers"] = len(layers) - len(done)
+    out["damping_escalated"] = [r["name"] for r in done if r.get("damp_escalated")]
+    out["fallbacks"] = [{"name": r["name"], "why": r["fallback"]} for r in done if r.get("fallback")]
+    from .quant import registry
+
+    for st in steps or []:
+        spec = registry.get(st.name)
+        if spec.summary is not None:
+            out.update(spec.summary(done))
+    return out
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -77,34 +85,41 @@ def write_report(out: Path, report: dict) -> None:
         log.info("matplotlib not installed: no report.png")
 
 
+def _num(v, fmt: str = ".3e") -> str:
+    return "" if v is None else format(v, fmt)
+
+
 def markdown(report: dict) -> str:
+    from .quant import registry
+
     cfg = report.get("config", {})
+    steps = cfg.get("steps", [])
+    cells = [(s["name"], registry.get(s["name"]).cell) for s in steps if registry.get(s["name"]).cell is not None]
+    head = ["layer", "shape", "grid", "error ‖ΔWX‖²/‖WX‖²", "RTN error", "ratio", "weight error ‖ΔW‖²/‖W‖²", "damping", "bits/weight"] + [n for n, _ in cells]
     lines = [
         "# weightsmith quantize report",
         "",
         f"- model: `{report.get('model')}`",
-        f"- method: `{json.dumps(cfg.get('method'))}`, grid: `{json.dumps(cfg.get('grid'))}`",
-        f"- recipe steps: `{json.dumps([*cfg.get('transforms', []), cfg.get('method'), *cfg.get('corrections', [])])}`",
+        f"- recipe: `{json.dumps(steps)}`, grid: `{json.dumps(cfg.get('grid'))}`" + (f", {len(cfg.get('rules', []))} per-layer rules" if cfg.get("rules") else ""),
         f"- bits per weight: {report.get('summary', {}).get('bits_per_weight')}",
         f"- calibration: {report.get('calibration', {}).get('kind')} — {json.dumps(report.get('calibration'))}",
         f"- wall time: {report.get('wall_time_s')} s, peak RSS: {report.get('peak_rss_mb')} MB",
         "",
-        "| layer | shape | error ‖ΔWX‖²/‖WX‖² | RTN error | ratio | damping | bits/weight | AWQ |",
-        "|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
     ]
     for r in report.get("layers", []):
-        ratio = r["error"] / r["rtn_error"] if r["rtn_error"] else float("nan")
-        bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else ""
-        lines.append(f"| {r['name']} | {r['shape'][0]}×{r['shape'][1]} | {r['error']:.3e} | {r['rtn_error']:.3e} | {ratio:.2f} | {r.get('damp')} | {bpw} | {_awq_cell(r.get('awq'))} |")
+        if r.get("skipped"):
+            lines.append(f"| {r['name']} | {r['shape'][0]}×{r['shape'][1]} | float (rule: skip) |" + " |" * (len(head) - 3))
+            continue
+        ratio = r["error"] / r["rtn_error"] if r.get("rtn_error") and "error" in r else None
+        g = r.get("grid")
+        grid = f"W{g['bits']} g{g['group_size']} {'sym' if g['sym'] else 'asym'}" if g else "float"
+        row = [r["name"], f"{r['shape'][0]}×{r['shape'][1]}", grid, _num(r.get("error")), _num(r.get("rtn_error")), _num(ratio, ".2f"),
+               _num(r.get("weight_error")), str(r.get("damp", "")), _num(r.get("bits_per_weight"), ".3f")]
+        row += [cell(r).replace("|", "/") for _, cell in cells]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _awq_cell(a) -> str:
-    if not isinstance(a, dict):
-        return ""
-    if "skipped" in a or "dropped" in a:
-        return "unscaled: " + str(a.get("skipped") or a["dropped"]).replace("|", "/")
-    return f"α={a.get('alpha')} → {a.get('folded_into', '?')}"
 
 
 def plot_layers(layers: list[dict], path: Path) -> None:
@@ -115,12 +130,17 @@ def plot_layers(layers: list[dict], path: Path) -> None:
 
     if not layers:
         return
-    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.05), 3.5))
-    x = range(len(layers))
-    ax.semilogy(x, [r["rtn_error"] for r in layers], ".", label="RTN", alpha=0.7)
-    ax.semilogy(x, [r["error"] for r in layers], ".", label="method", alpha=0.7)
+    rows = [r for r in layers if "error" in r or "weight_error" in r]
+    if not rows:
+        return
+    key = "error" if all("error" in r for r in rows) else "weight_error"
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.05), 3.5))
+    x = range(len(rows))
+    if all("rtn_error" in r for r in rows):
+        ax.semilogy(x, [r["rtn_error"] for r in rows], ".", label="RTN", alpha=0.7)
+    ax.semilogy(x, [max(r[key], 1e-12) for r in rows], ".", label="recipe", alpha=0.7)
     ax.set_xlabel("layer (execution order)")
-    ax.set_ylabel("‖ΔW X‖² / ‖W X‖²")
+    ax.set_ylabel("‖ΔW X‖² / ‖W X‖²" if key == "error" else "‖ΔW‖² / ‖W‖²")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

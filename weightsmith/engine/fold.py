@@ -1,4 +1,4 @@
-"""Which op produces a layer group's input, and folding a per-channel scale into it (for AWQ).
+"""Which op produces a layer group's input, and folding a per-channel scale into it (a transform's, e.g. AWQ's).
 
 No per-architecture code. For each group (layers reading one input tensor) the candidates are, in order:
 
@@ -19,8 +19,8 @@ True-sequential engine: a chunk parks at the group's first layer with its input 
 by the unscaled producer. :class:`FoldSession` records those parked inputs (in the engine's parking
 mode) and divides them by ``s`` in place when the scale is folded, so the rest of that forward runs
 through exactly the folded model. A linear producer is usually already quantized by then: dividing
-its rows by ``s`` keeps it on the grid when its stored per-row scales (and LoRC ``A`` rows) are
-divided by ``s`` too, which :meth:`FoldSession.fold` does.
+its rows by ``s`` keeps it on the grid when its encodings' per-row scales (and low-rank ``A`` rows)
+are divided by ``s`` too, which :meth:`FoldSession.fold` does.
 """
 from __future__ import annotations
 
@@ -210,16 +210,17 @@ class FoldSession:
     def release(self, leader: str) -> None:
         self.pending[leader] = []
 
-    def fold(self, leader: str, s: torch.Tensor, qparams: dict[str, torch.Tensor], prefix: str) -> str:
+    def fold(self, leader: str, s: torch.Tensor, records: dict, prefix: str) -> str:
         p = self.producers[leader]
         assert p.rel is not None
         inv = 1.0 / s
         m = self.mods[p.rel]
         scale_producer(m, p.kind, inv.to(m.weight.device))
-        if p.kind == "linear":  # keep a quantized producer's stored parameters consistent with its scaled rows
-            for key in (f"{prefix}{p.rel}.scale", f"{prefix}{p.rel}.lorc_a"):
-                if key in qparams:
-                    qparams[key] = (qparams[key] * inv[:, None].to(qparams[key])).contiguous()
+        rec = records.get(prefix + p.rel) if p.kind == "linear" else None
+        if rec is not None:  # keep a quantized producer's encodings consistent with its scaled rows
+            from .layers import scale_producer_encodings
+
+            scale_producer_encodings(rec, inv)
         seen: set[int] = set()
         for x in self.pending.get(leader, []):
             if id(x) not in seen:
@@ -230,4 +231,7 @@ class FoldSession:
 
 
 def needs_folding(cfg) -> bool:
-    return bool(getattr(cfg, "transforms", None))
+    """Whether a step of the recipe leaves an input scale for the engine to fold."""
+    from ..quant import registry
+
+    return any("input_scale" in registry.get(s.name).produces for s in cfg.steps)

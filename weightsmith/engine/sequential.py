@@ -149,8 +149,11 @@ class SequentialRunner:
 
     def __init__(self, block: nn.Module, layers: dict[str, nn.Module], groups: list[Group],
                  on_group: Callable[..., None], sequential: bool = True, low_memory: bool = False,
-                 float_path: FloatPath | None = None, reduce: Callable | None = None):
+                 float_path: FloatPath | None = None, reduce: Callable | None = None, full_stats: bool = True,
+                 rewrites: bool = True):
         self.block, self.layers, self.groups = block, layers, groups
+        self.full_stats = full_stats  # False: per-channel norms only (no XᵀX)
+        self.rewrites = rewrites  # False (a measuring pass): on_group leaves the weights alone, so one pass gives the outputs
         self.reduce = reduce  # (H_sum, n) -> summed over data-parallel ranks (engine/distributed.py)
         self.on_group, self.sequential, self.low_memory = on_group, sequential, low_memory
         self.float_path = float_path
@@ -179,7 +182,7 @@ class SequentialRunner:
         x = args[0]
         st = self._stats.get(g.index)
         if st is None:
-            st = self._stats[g.index] = HessianStats(x.shape[-1], x.device, self.float_path is not None)
+            st = self._stats[g.index] = HessianStats(x.shape[-1], x.device, self.float_path is not None, self.full_stats)
         c = self._chunk_of_let.get(greenlet.getcurrent(), self._cur_chunk)
         if c in self._steppers:
             st.add(x, self._steppers[c].input_of(rel))
@@ -254,10 +257,10 @@ class SequentialRunner:
                 if fp is not None:
                     fp.outputs = [fp.forward(c) for c in range(len(fp.chunks))]
                 return outs
-            self._run_plain(chunks, float_steps=True, float_outputs=True)  # statistics only, weights unchanged
+            outs = self._run_plain(chunks, float_steps=True, float_outputs=True)  # statistics from the unchanged block
             for g in self.groups:
                 self._finish(g)
-            return self._run_plain(chunks)
+            return self._run_plain(chunks) if self.rewrites else outs
         finally:
             for h in hooks:
                 h.remove()

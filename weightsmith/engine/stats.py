@@ -19,8 +19,9 @@ class HessianStats:
     the lower triangle is mirrored once in :meth:`finalize`. ``dXX`` is not symmetric.
     """
 
-    def __init__(self, dim: int, device: torch.device, float_path: bool = False):
-        self.h = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+    def __init__(self, dim: int, device: torch.device, float_path: bool = False, full: bool = True):
+        self.full = full  # False: only the per-channel sums of squares (the norms a step like Wanda needs), no XᵀX
+        self.h = torch.zeros(dim, dim, dtype=torch.float32, device=device) if full else torch.zeros(dim, dtype=torch.float32, device=device)
         self.dxx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if float_path else None
         self.n = 0
         self.nd = 0  # rows that came with a float-path input
@@ -41,6 +42,10 @@ class HessianStats:
             self.dxx.addmm_(d.t(), x)
             self.nd += x.shape[0]
             del d
+        if not self.full:
+            self.h.add_((x * x).sum(0))
+            self.n += x.shape[0]
+            return
         x_t = x.t()
         for a, b in self._bands:
             self.h[a:b, a:].addmm_(x_t[a:b], x[:, a:])
@@ -51,6 +56,11 @@ class HessianStats:
             self.h, self.n = reduce(self.h, self.n)
         if self.n == 0:
             raise NumericalError(f"no calibration input reached {where}")
+        if not self.full:
+            sq = self.h / self.n
+            if not torch.isfinite(sq).all():
+                raise NumericalError(f"NaN/Inf in the calibration activations reaching {where}")
+            return sq
         h = (torch.triu(self.h) + torch.triu(self.h, 1).t()) / self.n
         if not torch.isfinite(h).all():
             raise NumericalError(f"NaN/Inf in the calibration activations reaching {where}")
@@ -67,4 +77,6 @@ class HessianStats:
             dxx = self.dxx / self.nd
             if not torch.isfinite(dxx).all():
                 raise NumericalError(f"NaN/Inf in the float-path activations reaching {where}")
-        return LayerStats(h, self.n, dxx)
+        if not self.full:
+            return LayerStats(None, self.n, dxx, h.clamp(min=0).sqrt())
+        return LayerStats(h, self.n, dxx, torch.diag(h).clamp(min=0).sqrt())

@@ -257,8 +257,10 @@ class QuantizedCheckpoint:
                 legacy = Grid.of(grid).as_dict()
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise WeightsmithError(f"{report} is not a weightsmith report ({type(e).__name__}: {e})") from None
-        method = cfg.get("method", {})
-        self.method = method if isinstance(method, dict) else {}
+        method = cfg.get("method", {})  # reports before Engine 2: the quantizer's options; since: a list of steps
+        steps = cfg.get("steps") if isinstance(cfg.get("steps"), list) else []
+        quant = [s for s in steps if isinstance(s, dict) and ("act_order" in s or s.get("name") == "rtn")]
+        self.method = quant[0] if quant else method if isinstance(method, dict) else {}
         self.dir = p
         self.source = CheckpointSource(p)
         self._q, self._enc = read_qparams(qdir, legacy)
@@ -436,14 +438,15 @@ def unquantized_linears(ckpt: QuantizedCheckpoint) -> list[str]:
 
 
 def packed_bits_per_weight(shape: tuple[int, int], encs: list[dict], n_groups: int | None, permuted: bool) -> float | None:
-    """Bits per weight of a layer as packed formats store it (``quant/pipeline.py bits_per_weight``:
+    """Bits per weight of a layer as packed formats store it (``encodings.grid_bits``/``lowrank_bits``:
     codes, 16-bit scales, zeros of asymmetric grids, a 32-bit g_idx when act-order permutes it, 16-bit
     low-rank factors); sparsity held as dense zeros costs nothing. None for a layer without grid
     (stored as float)."""
-    from ..quant.pipeline import bits_per_weight
+    from ..encodings import grid_bits, lowrank_bits
 
     grid = next((Grid.of(e) for e in encs if e.get("kind") == "grid"), None)
     if grid is None or n_groups is None:
         return None
     rank = sum(int(e.get("rank") or 0) for e in encs if e.get("kind") == "lowrank")
-    return bits_per_weight(tuple(shape), grid.bits, int(n_groups), grid.sym, permuted, rank)["bits_per_weight"]
+    parts = {**grid_bits(tuple(shape), grid.bits, int(n_groups), grid.sym, permuted), **lowrank_bits(tuple(shape), rank)}
+    return sum(parts.values()) / (shape[0] * shape[1])

@@ -88,9 +88,9 @@ class ShardWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
+        save_file(tensors, str(path), metadata=metadata or {"format": "pt"})  # one key: safetensors writes a map's keys in no fixed order
         fsync_file(path)  # a committed block must survive a crash of the machine, not only of the process
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -115,5 +115,5 @@ def stored_dtype(dtype: torch.dtype, save_dtype: torch.dtype | None) -> torch.dt
     return save_dtype if save_dtype is not None and dtype.is_floating_point else dtype
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    _save({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, path)
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    _save({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, path, metadata)

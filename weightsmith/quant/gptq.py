@@ -200,11 +200,15 @@ def gptq_quantize(
     block_size: int = 128,
     base: QuantResult | None = None,
     extend: Callable[[SolveContext], Extensions] | None = None,
+    mask: torch.Tensor | None = None,
 ) -> QuantResult:
     """Quantize ``w`` (rows, cols) given ``h`` (cols, cols); returns dequantized weights on the grid.
 
     ``base`` (RTN of ``w`` on the same grid) supplies the static group parameters when given.
-    ``extend(ctx)`` returns the extensions (error hook, terms) of a GPTQ-family member.
+    ``extend(ctx)`` returns the extensions (error hook, terms) of a GPTQ-family member. ``mask``
+    (rows, cols) bool keeps a pruner's zeros: a masked weight is rounded to 0 and its whole value is
+    the error the later columns compensate. The result's ``latent`` holds each column's compensated
+    value at the moment it was rounded.
     """
     W = w.float().clone()
     rows, cols = W.shape
@@ -244,6 +248,8 @@ def gptq_quantize(
     Wt = W.t().contiguous()
     W0t = Wt.clone() if ext.needs_original else None
     Qt = torch.empty_like(Wt)
+    Lt = torch.empty_like(Wt)
+    Mt = mask[:, perm].t().to(Wt.dtype).contiguous() if mask is not None else None
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = Wt[i1:i2].clone()
@@ -264,7 +270,10 @@ def gptq_quantize(
                 zeros.append(z)
                 s_cur, z_cur = s[:, 0], z[:, 0]
             col = W1[i]
+            Lt[j] = col
             q = G.fake_quant(col, s_cur, z_cur, grid.bits)
+            if Mt is not None:
+                q = q * Mt[j]
             Qt[j] = q
             w0 = W0t[j] if W0t is not None else None
             err = (col - q) / U1[i, i] if err_fn is None else err_fn(col, q, w0, U1[i, i])
@@ -284,11 +293,12 @@ def gptq_quantize(
 
     invperm = torch.argsort(perm)
     Q = Q[:, invperm]
+    latent = Lt.t()[:, invperm]
     if not static:
         scale, zero = torch.cat(scales, 1), torch.cat(zeros, 1)
         g_idx = torch.empty(cols, dtype=torch.int32, device=W.device)
         g_idx[perm] = torch.tensor(col_group, dtype=torch.int32, device=W.device)
-    return QuantResult(Q, scale, zero, g_idx, {"damp": lam, "damp_escalated": lam > damp * (1 + 1e-9), "dead_columns": n_dead})
+    return QuantResult(Q, scale, zero, g_idx, {"damp": lam, "damp_escalated": lam > damp * (1 + 1e-9), "dead_columns": n_dead}, latent)
 
 
 def triu_solve_term(A: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
@@ -309,11 +319,11 @@ def resolve_residual(cfg: GPTQConfig, grid: GridConfig) -> str:
 
 
 def family_quantize(w: torch.Tensor, h: torch.Tensor, grid: GridConfig, cfg: GPTQConfig, base: QuantResult | None = None,
-                    stats: LayerStats | None = None) -> QuantResult:
+                    stats: LayerStats | None = None, mask: torch.Tensor | None = None) -> QuantResult:
     """A GPTQ-family member: GPTQ with the extensions its name selects (module docstring)."""
     parts = cfg.parts()
     if any(p in FLOAT_PATH_PARTS for p in parts) and (stats is None or stats.dXX is None):
-        raise WeightsmithError(f"{cfg.name} needs float-path statistics (LayerStats.dXX); the engine supplies them for methods registered with needs_float_path")
+        raise WeightsmithError(f"{cfg.name} needs float-path statistics (LayerStats.dXX); the engine supplies them to steps that declare the need dXX")
 
     def extend(ctx: SolveContext) -> Extensions:
         out = Extensions([], residual=resolve_residual(cfg, grid))
@@ -325,12 +335,25 @@ def family_quantize(w: torch.Tensor, h: torch.Tensor, grid: GridConfig, cfg: GPT
         return out
 
     res = gptq_quantize(w, h, grid, act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp,
-                        block_size=cfg.block_size, base=base, extend=extend if parts else None)
+                        block_size=cfg.block_size, base=base, extend=extend if parts else None, mask=mask)
     if parts:
         res.info["residual"] = resolve_residual(cfg, grid)
     return res
 
 
+def family_step(state, cfg: GPTQConfig, ctx) -> None:
+    """GPTQ (Frantar et al. 2023) and its family: column-wise rounding with second-order error compensation."""
+    state.set_grid(family_quantize(state.W, state.H, state.grid, cfg, base=ctx.rtn(state.W, state.grid), stats=state.stats, mask=state.mask))
+
+
+def _needs(cfg: GPTQConfig) -> frozenset:
+    return frozenset({"H", "dXX"} if set(cfg.parts()) & FLOAT_PATH_PARTS else {"H"})
+
+
+def _float_samples(cfg: GPTQConfig):
+    return cfg.float_samples if set(cfg.parts()) & FLOAT_PATH_PARTS else None
+
+
 register_family({"gptq", *PART_ORDER}, canonical_family_name)
-for _name, _parts in FAMILY.items():
-    register(_name, GPTQConfig, needs_hessian=True, needs_float_path=any(p in FLOAT_PATH_PARTS for p in _parts), clip_search=True)(family_quantize)
+for _name in FAMILY:
+    register(_name, GPTQConfig, kind="quantizer", needs=_needs, produces=("grid",), clip_search=True, float_samples=_float_samples)(family_step)

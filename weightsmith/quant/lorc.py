@@ -20,8 +20,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..config import GridConfig, Strict
-from .registry import LayerStats, register
+from ..config import Strict
+from ..encodings import LowRank
+from .registry import register
 
 
 class LoRCConfig(Strict):
@@ -54,9 +55,21 @@ def lowrank_factors(E: torch.Tensor, rank: int, H: torch.Tensor | None = None, d
     return A.float(), B.float()
 
 
-@register("lorc", LoRCConfig, needs_hessian=False, kind="correction")
-def correct(W: torch.Tensor, Q: torch.Tensor, stats: LayerStats | None, grid: GridConfig, cfg: LoRCConfig) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
+def correct(state, cfg: LoRCConfig, ctx) -> None:
     """LoRC (ZeroQuant-V2, Yao et al. 2023): rank-r SVD correction A·B of W − Q(W), optionally whitened by the activations."""
-    H = stats.H if (cfg.whiten and stats is not None) else None
-    A, B = lowrank_factors(W.float() - Q.float(), cfg.rank, H, cfg.damp)
-    return (A, B), {"lorc_rank": int(A.shape[1])}
+    H = state.H if cfg.whiten else None
+    ref, Q = state.reference, state.W
+    factors, a = [], 0
+    for n in state.sizes:
+        factors.append(lowrank_factors(ref[a : a + n].float() - Q[a : a + n].float(), cfg.rank, H, cfg.damp))
+        a += n
+    W = Q.clone()
+    a = 0
+    for (A, B), n in zip(factors, state.sizes):
+        W[a : a + n] += A @ B
+        a += n
+    state.add(LowRank(factors), W, {"lorc_rank": int(factors[0][0].shape[1])})
+
+
+register("lorc", LoRCConfig, kind="correction", needs=lambda cfg: frozenset({"H"} if cfg.whiten else ()),
+         produces=("lowrank",), requires=("grid", "sparsity"))(correct)

@@ -1,21 +1,22 @@
-"""One layer group through a recipe: transforms → quantizer → corrections.
+"""One layer group through the layer steps of a recipe (transforms, pruners, the quantizer, corrections).
 
-A recipe (``config.QuantizeConfig``) has an ordered list of ``transforms`` (kind "transform", e.g.
-``awq``), exactly one quantizer (``method``: rtn, gptq, ...) and an ordered list of ``corrections``
-(kind "correction", e.g. ``lorc``). For the stacked weights ``W`` (out, in) of layers that read one
-input and their statistics:
+The stacked weights ``W`` (out, in) of the layers that read one input, their statistics and the
+group's grid (per-layer rules applied) form a :class:`LayerState`; every layer step edits it in
+place, in recipe order: ``fn(state, cfg, ctx)``. A step that needs to compare variants of the rest
+of the recipe (AWQ's verify) runs them itself through ``ctx.rest(variant)`` and returns
+:data:`FINISHED`: its chosen variant is then the result.
 
-- each transform returns a per-input-channel scale ``s`` (``transform(W, stats, grid, cfg, foldable=,
-  where=, why_not=) -> (s, info)``); the following steps see ``W·diag(s)`` and
-  ``H' = diag(1/s) H diag(1/s)`` (the statistics of the rescaled input ``x/s``), and the engine folds
-  ``1/s`` into the op producing the input;
-- the quantizer is called as ``quantize(W, H, grid, cfg, base=rtn_of_W, stats=stats)``;
-- each correction is applied per layer, ``correct(W_l, Q_l, stats, grid, cfg) -> ((A, B), info)``,
-  and the layer's weight becomes ``Q_l + A·B``.
+- a transform may rescale the input channels: the following steps see ``W·diag(s)`` and
+  ``H' = diag(1/s) H diag(1/s)`` (:meth:`LayerState.rescale`), and the engine folds ``1/s`` into the
+  op producing the input;
+- a pruner zeroes weights and adds a :class:`~weightsmith.encodings.Sparsity`; every later step
+  keeps the mask (``state.mask``);
+- the quantizer adds a :class:`~weightsmith.encodings.Grid` (one per layer);
+- a correction adds to the result (LoRC: a :class:`~weightsmith.encodings.LowRank` per layer).
 
 All errors the report shows are in the original input space: the effective weight is
-``(Q + A·B)·diag(1/s)``, compared with ``W`` under the original ``H``; the RTN baseline is plain RTN
-of the original ``W``.
+``W·diag(1/s)``, compared with the original ``W`` under the original ``H``; the RTN baseline is plain
+RTN of the original ``W`` on the group's grid, computed only when there is an ``H`` and a grid.
 """
 from __future__ import annotations
 
@@ -23,128 +24,160 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..errors import WeightsmithError
+from ..config import GridConfig
+from ..encodings import Encoding, Grid, Sparsity
+from ..errors import NumericalError
 from . import registry
-from .registry import LayerStats
-from .rtn import rtn_quantize
+from .registry import LayerStats, QuantResult
+
+FINISHED = "finished"
+
+
+def scaled_stats(stats: LayerStats | None, s: torch.Tensor) -> LayerStats | None:
+    """Statistics of the input ``x / s``."""
+    if stats is None:
+        return None
+    inv = 1.0 / s
+    outer = inv[:, None] * inv[None, :]
+    return replace(stats, H=None if stats.H is None else stats.H * outer, dXX=None if stats.dXX is None else stats.dXX * outer,
+                   norms=None if stats.norms is None else stats.norms * inv)
+
+
+@dataclass
+class LayerState:
+    """A layer group as the layer steps see it (rows of its layers stacked, ``sizes`` rows each)."""
+
+    W0: torch.Tensor  # (out, in) the original weights
+    W: torch.Tensor  # (out, in) the weights now, in the current input space — what the model will hold
+    stats: LayerStats | None  # statistics of the current input space (None: data-free)
+    grid: GridConfig
+    sizes: list[int]
+    encodings: list[Encoding] = field(default_factory=list)
+    input_scale: torch.Tensor | None = None  # s: the input is x / s (folded into its producer)
+    reference: torch.Tensor | None = None  # the weights the first encoding step started from
+    info: dict = field(default_factory=dict)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        m = [e.mask for e in self.encodings if isinstance(e, Sparsity)]
+        return m[-1] if m else None
+
+    @property
+    def H(self) -> torch.Tensor | None:
+        return None if self.stats is None else self.stats.H
+
+    def find(self, kind: type):
+        return next((e for e in reversed(self.encodings) if isinstance(e, kind)), None)
+
+    def rescale(self, s: torch.Tensor) -> None:
+        s = s.to(self.W.device, torch.float32)
+        self.W = self.W * s
+        self.stats = scaled_stats(self.stats, s)
+        self.input_scale = s if self.input_scale is None else self.input_scale * s
+
+    def add(self, enc: Encoding, weight: torch.Tensor, info: dict | None = None) -> None:
+        """A step's result: the new weights and the encoding that describes them."""
+        if self.reference is None:
+            self.reference = self.W
+        self.W = weight
+        self.encodings.append(enc)
+        self.info.update(info or {})
+
+    def set_grid(self, res: QuantResult) -> None:
+        mask = self.mask
+        w = res.weight if mask is None else res.weight * mask
+        self.add(Grid(self.grid.bits, self.grid.group_size, self.grid.sym, res.scale, res.zero, res.g_idx, res.latent), w, res.info)
+
+    def copy(self) -> "LayerState":
+        return replace(self, encodings=list(self.encodings), info=dict(self.info))
+
+    @property
+    def effective(self) -> torch.Tensor:
+        """The weights in the original input space."""
+        return self.W if self.input_scale is None else self.W / self.input_scale
+
+
+class StepContext:
+    """What a layer step may use besides its state: where it is, whether the group's input can absorb
+    a scale, round-to-nearest results shared by the steps (with clip search the costly part), and
+    the rest of the recipe."""
+
+    def __init__(self, steps: list, *, where: str = "", foldable: bool = True, why_not: str = "", rtn_cache: dict | None = None):
+        self.steps, self.where, self.foldable, self.why_not = steps, where, foldable, why_not
+        self._rtn = rtn_cache if rtn_cache is not None else {}
+        self.position = 0
+
+    def rtn(self, W: torch.Tensor, grid: GridConfig) -> QuantResult:
+        from .rtn import rtn_quantize
+
+        key = (id(W), grid.model_dump_json())
+        hit = self._rtn.get(key)
+        if hit is None or hit[0] is not W:
+            hit = self._rtn[key] = (W, rtn_quantize(W, grid))
+        return hit[1]
+
+    def rest(self, state: LayerState, start: int = 0, stop: int | None = None) -> LayerState:
+        """Run the steps after the current one (``[start:stop]`` of them) on ``state`` (a copy the caller made); returns it."""
+        after = self.steps[self.position + 1 :]
+        part = after[start:stop]
+        run_steps(state, part, StepContext(part, where=self.where, foldable=self.foldable, why_not=self.why_not, rtn_cache=self._rtn))
+        return state
+
+    def next_of_kind(self, kind: str) -> int | None:
+        """The index, among the steps after the current one, of the first of ``kind``."""
+        after = self.steps[self.position + 1 :]
+        return next((i for i, s in enumerate(after) if registry.get(s.name).kind == kind), None)
+
+
+LAYER_KINDS = ("transform", "pruner", "quantizer", "correction")
+
+
+def layer_steps(steps) -> list:
+    return [s for s in steps if registry.get(s.name).kind in LAYER_KINDS]
+
+
+def run_steps(state: LayerState, steps: list, ctx: StepContext) -> None:
+    for i, st in enumerate(steps):
+        ctx.position = i
+        if registry.get(st.name).fn(state, st, ctx) == FINISHED:
+            return
 
 
 @dataclass
 class GroupResult:
-    weight: torch.Tensor  # (out, in) what the model holds: Q(W·diag(s)) + A·B, stacked over the group's layers
-    effective: torch.Tensor  # weight·diag(1/s): the weight in the original input space
-    baseline: torch.Tensor  # plain RTN of the original W (the report's baseline)
-    scale: torch.Tensor
-    zero: torch.Tensor
-    g_idx: torch.Tensor
-    lowrank: list = field(default_factory=list)  # per layer: (A, B) or None
-    input_scale: torch.Tensor | None = None  # s, to fold into the producer (None: nothing to fold)
-    info: dict = field(default_factory=dict)
+    state: LayerState
+    baseline: torch.Tensor | None  # plain RTN of the original W on the group's grid (None: no H or no grid)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.state.W
+
+    @property
+    def effective(self) -> torch.Tensor:
+        return self.state.effective
 
 
-def scaled_stats(stats: LayerStats, s: torch.Tensor) -> LayerStats:
-    """Statistics of the input ``x / s``."""
-    inv = 1.0 / s
-    outer = inv[:, None] * inv[None, :]
-    return replace(
-        stats,
-        H=stats.H * outer,
-        dXX=None if stats.dXX is None else stats.dXX * outer,
-        absmean=None if stats.absmean is None else stats.absmean * inv,
-    )
+def run_group(ws: list[torch.Tensor], stats: LayerStats | None, settings, *, where: str = "", foldable: bool = True,
+              why_not: str = "") -> GroupResult:
+    """Run the layer steps of ``settings`` (a :class:`~weightsmith.config.LayerSettings`) on the layers
+    ``ws`` (each (out_l, in) float32) that share ``stats``."""
+    if hasattr(settings, "layer_settings"):  # a whole QuantizeConfig: its recipe without rules
+        from ..config import LayerSettings
 
-
-def run_group(ws: list[torch.Tensor], stats: LayerStats | None, cfg, *, where: str = "", foldable: bool = True, why_not: str = "") -> GroupResult:
-    """Run the recipe ``cfg`` on the layers ``ws`` (each (out_l, in) float32) sharing ``stats``."""
+        settings = LayerSettings(settings.grid, tuple(settings.steps))
     W0 = torch.cat([w.float() for w in ws], 0)
-    grid = cfg.grid
-    W, st = W0, stats
-    s_total: torch.Tensor | None = None
-    info: dict = {}
-    verify = False
-    for t in cfg.transforms:
-        verify = verify or bool(getattr(t, "verify", False))
-        algo = registry.get(t.name)
-        if st is None:
-            raise WeightsmithError(f"{t.name} needs calibration statistics")
-        s, tinfo = algo.quantize(W, st, grid, t, foldable=foldable, where=where, why_not=why_not)
-        info.update(tinfo)
-        if bool((s == 1).all()):
-            continue
-        s = s.to(W.device, torch.float32)
-        W = W * s
-        st = scaled_stats(st, s)
-        s_total = s if s_total is None else s_total * s
-    qalgo = registry.get(cfg.method.name)
-    rtn = rtn_quantize(W, grid)
-    res = qalgo.quantize(W, None if st is None else st.H, grid, cfg.method, base=rtn, stats=st)
-    if not torch.isfinite(res.weight).all():
-        raise WeightsmithError(f"{cfg.method.name} produced NaN/Inf for {where}")
-    rtn0 = rtn if s_total is None else rtn_quantize(W0, grid)
-    baseline = rtn0.weight
-    if s_total is not None and verify:  # pick the scale by the quantizer's own result (see quant/awq.py)
-        best = (_output_error(res.weight / s_total - W0, stats.H), 1.0, res, W, st, s_total)
-        for p in (0.5, 0.0):
-            sp = s_total.pow(p)
-            Wp, stp = (W0 * sp, scaled_stats(stats, sp)) if p else (W0, stats)
-            rp = qalgo.quantize(Wp, stp.H, grid, cfg.method, base=rtn_quantize(Wp, grid) if p else rtn0, stats=stp)
-            e = _output_error(rp.weight / sp - W0, stats.H)
-            if e < best[0]:
-                best = (e, p, rp, Wp, stp, sp)
-        e, p, res, W, st, s_total = best
-        tr = info.setdefault("awq", {})
-        if p == 0.0:
-            tr["dropped"] = f"unscaled {cfg.method.name} had the lowest group output error"
-            s_total = None
-        elif p == 0.5:
-            tr["alpha"] = tr.get("alpha", 0) / 2
-            tr["halved"] = f"α/2 gave the lowest group output error after {cfg.method.name}"
-    info.update(res.info)
-    weight = res.weight.clone()
-    lowrank: list = [None] * len(ws)
-    if cfg.corrections:
-        a = 0
-        for i, w in enumerate(ws):
-            b = a + w.shape[0]
-            for c in cfg.corrections:
-                calgo = registry.get(c.name)
-                (A, B), cinfo = calgo.quantize(W[a:b], weight[a:b], st, grid, c)
-                weight[a:b] += A @ B
-                if lowrank[i] is not None:  # two corrections: concatenate the factors (rank adds up)
-                    A0, B0 = lowrank[i]
-                    A, B = torch.cat([A0, A], 1), torch.cat([B0, B], 0)
-                lowrank[i] = (A, B)
-                info.update(cinfo)
-            a = b
-    effective = weight if s_total is None else weight / s_total
-    return GroupResult(weight, effective, baseline, res.scale, res.zero, res.g_idx, lowrank, s_total, info)
+    steps = layer_steps(settings.steps)
+    state = LayerState(W0, W0, stats, settings.grid, [w.shape[0] for w in ws])
+    ctx = StepContext(steps, where=where, foldable=foldable, why_not=why_not)
+    run_steps(state, steps, ctx)
+    if not torch.isfinite(state.W).all():
+        raise NumericalError(f"{','.join(s.name for s in steps)} produced NaN/Inf for {where}")
+    baseline = None
+    if stats is not None and stats.H is not None and any(isinstance(e, Grid) for e in state.encodings):
+        baseline = ctx.rtn(W0, settings.grid).weight
+    return GroupResult(state, baseline)
 
 
-def _output_error(E: torch.Tensor, H: torch.Tensor) -> float:
+def output_error(E: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(E H Eᵀ)``: the summed squared output error of the rows of ``E`` on inputs with ``H = XᵀX/N``."""
     return float(((E @ H) * E).sum())
-
-
-def bits_per_weight(shape: tuple[int, int], bits: int, n_groups: int, sym: bool, g_idx_stored: bool, rank: int = 0) -> dict:
-    """Storage of one quantized layer in bits per weight, as packed formats store it.
-
-    ``bits`` per weight; one 16-bit scale per (row, group); for an asymmetric grid one zero point per
-    (row, group) at ``bits`` bits (symmetric grids have an implicit zero); a 32-bit ``g_idx`` per input
-    column only when act-order leaves columns outside their natural group; the LoRC factors ``A``
-    (out, r) and ``B`` (r, in) at 16 bits. AWQ's scales are folded into the model and cost nothing.
-    """
-    out, cols = shape
-    n = out * cols
-    parts = {
-        "weights": bits * n,
-        "scales": 16 * out * n_groups,
-        "zeros": 0 if sym else bits * out * n_groups,
-        "g_idx": 32 * cols if g_idx_stored else 0,
-        "lowrank": 16 * rank * (out + cols),
-    }
-    return {"bits_per_weight": sum(parts.values()) / n, "bits": parts}
-
-
-def g_idx_is_natural(g_idx: torch.Tensor, group_size: int) -> bool:
-    cols = g_idx.numel()
-    gs = cols if group_size == -1 else group_size
-    return bool(torch.equal(g_idx.long().cpu(), torch.arange(cols) // gs))

@@ -1,42 +1,58 @@
-"""One registry of layer algorithms, keyed by name; the engine only ever talks to this interface.
+"""One registry of recipe steps, keyed by name; the engine only ever talks to this interface.
 
-An algorithm module defines a typed config class (a pydantic model whose ``name`` field is a
-``Literal`` with the registry key) and a function
-``quantize(W, H, grid, cfg, base=None, stats=None) -> QuantResult`` and registers both with
-:func:`register`. The engine hands every algorithm the same inputs: the layer weight as an
-``(out, in)`` float32 matrix, the input statistics ``H = XᵀX / N`` (float32, shared by layers that
-read the same input), ``base``, the round-to-nearest result on the same grid (its static group
-scales, computed once — with clip search that is the costly part — and also the report's RTN
-baseline), and ``stats``, a :class:`LayerStats` (``H`` again, the token count, and — only for an
-algorithm registered with ``needs_float_path=True`` — ``dXX``); it writes back what the algorithm
-returns.
+A step is one algorithm module with a typed config class (a pydantic model whose ``name`` field is
+a ``Literal`` with the registry key) and one function, registered with :func:`register`. Each step
+has a **kind**, which fixes where it may stand in a recipe and how the engine calls it:
 
-Combined methods: a name made of ``+``-joined parts (``gptaq+foem``) is looked up as written, and
-otherwise resolved by the *family* whose members cover all of its parts (:func:`register_family`):
-the family returns the canonical registry key (``foem+gptaq`` → ``gptaq+foem``) or raises a
-:class:`WeightsmithError` saying why the combination is invalid. The GPTQ family (gptq.py) is one.
+=============  ====================================================================================
+kind           what it does, and how it is called
+=============  ====================================================================================
+planner        before everything: measures per-layer sensitivity in a first pass and turns the
+               measurements into per-layer rules for the second (``measure``/``plan``, see
+               :class:`Planner`)
+transform      rewrites a layer group's weights and statistics for the steps after it (AWQ's
+               per-channel scale, folded into the op producing the input);
+               ``fn(state, cfg, ctx) -> None``
+pruner         zeroes weights and records a sparsity mask; ``fn(state, cfg, ctx) -> None``
+quantizer      puts the weights on a grid (one per layer); ``fn(state, cfg, ctx) -> None``
+correction     adds to a quantized or pruned result (LoRC's low-rank factors); ``fn(state, cfg, ctx)``
+block          works on a whole block after its layers, with autograd, on the block's
+               quantized-path inputs and (when it asks) float targets;
+               ``fn(block_ctx, cfg) -> dict`` (see ``engine/passes.py``)
+=============  ====================================================================================
+
+Layer steps receive a :class:`~weightsmith.quant.pipeline.LayerState` (the stacked weights of the
+layers that read one input, their statistics, the group's grid and the encodings so far) and edit
+it in place. Each step declares what it **needs** (:data:`NEEDS`), as a function of its config:
+the engine computes the union and nothing more — a recipe whose steps need nothing runs without
+calibration data at all.
+
+Third-party steps register through the entry-point group ``weightsmith.steps``: each entry point
+names a module (imported, it calls :func:`register`) or a callable (called once with no arguments).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from ..errors import WeightsmithError
 
+log = logging.getLogger(__name__)
 
-@dataclass
-class QuantResult:
-    """What an algorithm returns for one weight matrix (rows of several layers may be stacked)."""
-
-    weight: torch.Tensor  # (out, in) float32, dequantized: every value lies on the grid
-    scale: torch.Tensor  # (out, n_groups) float32
-    zero: torch.Tensor  # (out, n_groups) float32 holding integers in [0, 2**bits - 1]
-    g_idx: torch.Tensor  # (in,) int32: the group of each input column
-    info: dict = field(default_factory=dict)  # e.g. {"damp": 0.01}
-    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None  # (A (out, r), B (r, in)): weight = Q + A·B (LoRC)
-    input_scale: torch.Tensor | None = None  # (in,) AWQ scale s: Q approximates W·diag(s); s folded into the producer
+KINDS = ("planner", "transform", "pruner", "quantizer", "correction", "block")
+ORDER = {k: i for i, k in enumerate(KINDS)}  # a recipe lists its steps in non-decreasing order of kind
+NEEDS = {
+    "H": "the input statistic H = XᵀX/N of every layer group (one calibration forward)",
+    "input_norms": "per-input-channel norms ‖X_j‖₂ (one calibration forward, no XᵀX)",
+    "dXX": "(X̃ − X)ᵀX/N between the float and the quantized path (a second, float forward)",
+    "float_block": "a float copy of each block, run on the quantized-path inputs (block steps)",
+    "float_targets": "the float model's block outputs on its own float-path inputs (block steps)",
+    "grad": "autograd on the block's forward (block steps)",
+}
+PLUGIN_GROUP = "weightsmith.steps"
 
 
 @dataclass
@@ -45,44 +61,87 @@ class LayerStats:
     path (the block's earlier layers, and all earlier blocks, already quantized) and ``X̃`` (N, in)
     the same layer's inputs on the float path (the unquantized model on the same tokens).
 
-    - ``H = XᵀX / N`` (in, in) float32 — the Hessian of ‖(W − Q) X‖² up to a factor 2;
+    - ``H = XᵀX / N`` (in, in) float32 — the Hessian of ‖(W − Q) X‖² up to a factor 2; None when
+      no step needs it;
     - ``n``: the number of token rows N;
     - ``dXX = (X̃ − X)ᵀ X / N`` (in, in) float32, so ``dXX[i, j] = mean_t ΔX[t, i]·X[t, j]`` — the
       GPTAQ paper's ``ΔX Xᵀ`` in its (features × tokens) layout. ``H + dXX = X̃ᵀX / N``. The mean
-      runs over the rows that carry the float path (all, or the method's ``float_samples``). None
-      unless the algorithm was registered with ``needs_float_path``.
+      runs over the rows that carry the float path. None unless a step needs ``dXX``;
+    - ``norms``: ``‖X_j‖₂ / sqrt(N)`` per input channel (= ``sqrt(diag H)``), always filled.
     """
 
-    H: torch.Tensor
+    H: Optional[torch.Tensor]
     n: int = 0
     dXX: Optional[torch.Tensor] = None
-    absmean: Optional[torch.Tensor] = None  # mean |x| per input channel (AWQ); None: AWQ uses sqrt(diag H)
+    norms: Optional[torch.Tensor] = None
+
+
+@dataclass
+class QuantResult:
+    """What the grid solvers (RTN, the GPTQ family) return for one stacked weight matrix."""
+
+    weight: torch.Tensor  # (out, in) float32, dequantized: every value lies on the grid
+    scale: torch.Tensor  # (out, n_groups) float32
+    zero: torch.Tensor  # (out, n_groups) float32 holding integers in [0, 2**bits - 1]
+    g_idx: torch.Tensor  # (in,) int32: the group of each input column
+    info: dict = field(default_factory=dict)  # e.g. {"damp": 0.01}
+    latent: Optional[torch.Tensor] = None  # (out, in) the values that were rounded (GPTQ: compensated weights)
 
 
 @dataclass(frozen=True)
-class Algorithm:
+class Step:
     name: str
+    kind: str
     config_cls: type
-    quantize: Callable  # (W, H, grid, cfg, base=None, stats=None) -> QuantResult
-    needs_hessian: bool
+    fn: Callable
     doc: str
-    clip_search: bool  # the method's default for grid.clip_search
-    needs_float_path: bool = False  # the engine must carry the float path and fill LayerStats.dXX
-    kind: str = "quantizer"  # "quantizer" | "transform" (before it, e.g. awq) | "correction" (after it, e.g. lorc)
+    needs: Callable[[Any], frozenset]  # cfg -> the statistics it needs (keys of NEEDS)
+    produces: tuple[str, ...] = ()  # encoding kinds it adds ("grid", "sparsity", "lowrank") or "input_scale"
+    requires: tuple[str, ...] = ()  # it needs one of these encodings from an earlier step
+    clip_search: bool = False  # a quantizer's default for grid.clip_search
+    float_samples: Callable[[Any], Optional[int]] = lambda cfg: None  # samples that carry the float path (None: all)
+    summary: Optional[Callable[[list[dict]], dict]] = None  # report rows -> entries of the report's summary
+    cell: Optional[Callable[[dict], str]] = None  # report row -> this step's cell of the per-layer table
+    planner: Optional["Planner"] = None
 
 
-_REGISTRY: dict[str, Algorithm] = {}
+@dataclass(frozen=True)
+class Planner:
+    """A planner step's two halves. ``measure(W, stats, grid, cfg, ctx)`` runs in the first pass for
+    every layer group and returns JSON-able measurements; ``plan(groups, cfg, base_grid)`` turns the
+    measurements of all groups (``[{"layers": [...], "numel": n, "measure": ...}]``) into per-layer
+    rules (``[{"match": regex, "grid": {...}}]``) and a JSON-able summary."""
+
+    measure: Callable
+    plan: Callable
+    needs: frozenset = frozenset({"H"})
+
+
+_REGISTRY: dict[str, Step] = {}
 _FAMILIES: list[tuple[frozenset, Callable[[list[str]], str]]] = []
-KINDS = ("quantizer", "transform", "correction")
+_loaded = False
 
 
-def register(name: str, config_cls: type, *, needs_hessian: bool, needs_float_path: bool = False, clip_search: bool = False,
-             kind: str = "quantizer"):
+def _const(s):
+    fs = frozenset(s)
+    for n in fs:
+        if n not in NEEDS:
+            raise ValueError(f"unknown need {n!r}; known: {', '.join(NEEDS)}")
+    return lambda cfg: fs
+
+
+def register(name: str, config_cls: type, *, kind: str, needs=(), produces: tuple = (), requires: tuple = (),
+             clip_search: bool = False, float_samples: Callable | None = None, summary: Callable | None = None,
+             cell: Callable | None = None, planner: Planner | None = None):
+    """Decorator registering ``fn`` as step ``name``. ``needs`` is a set of :data:`NEEDS` keys or a
+    function ``cfg -> set`` (when they depend on the step's options)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
+    need_fn = needs if callable(needs) else _const(needs)
 
     def deco(fn):
-        _REGISTRY[name] = Algorithm(name, config_cls, fn, needs_hessian, (fn.__doc__ or "").strip(), clip_search, needs_float_path, kind)
+        _REGISTRY[name] = Step(name, kind, config_cls, fn, (fn.__doc__ or "").strip().split("\n")[0], need_fn, tuple(produces),
+                               tuple(requires), clip_search, float_samples or (lambda cfg: None), summary, cell, planner)
         return fn
 
     return deco
@@ -105,16 +164,16 @@ def canonical_name(name: str) -> str:
             return canonical(parts)
     unknown = [p for p in parts if p not in _REGISTRY]
     if unknown:
-        raise WeightsmithError(f"unknown method {unknown[0]!r} in {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    raise WeightsmithError(f"method {name!r} combines parts that do not compose into one algorithm")
+        raise WeightsmithError(f"unknown step {unknown[0]!r} in {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    raise WeightsmithError(f"step {name!r} combines parts that do not compose into one algorithm")
 
 
-def get(name: str) -> Algorithm:
+def get(name: str) -> Step:
     key = canonical_name(name)
     try:
         return _REGISTRY[key]
     except KeyError:
-        raise WeightsmithError(f"unknown method {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise WeightsmithError(f"unknown step {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def names() -> list[str]:
@@ -122,5 +181,29 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def steps() -> list[Step]:
+    _load_builtin()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
 def _load_builtin() -> None:
-    from . import awq, foem, gptaq, gptq, lorc, rescomp, rtn  # noqa: F401  (modules register themselves on import)
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from . import awq, bitalloc, foem, gptaq, gptq, lorc, rescomp, rtn, tune_scales  # noqa: F401  (modules register on import)
+    from ..prune import magnitude, wanda  # noqa: F401
+    _load_plugins()
+
+
+def _load_plugins() -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not break the built-in steps
+            log.warning("plugin %s (%s) failed to load: %s", ep.name, ep.value, e)
+            continue
+        if callable(obj) and not isinstance(obj, type):
+            obj()

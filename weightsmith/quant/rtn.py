@@ -19,11 +19,10 @@ def rtn_quantize(w: torch.Tensor, grid: GridConfig) -> QuantResult:
     w = w.float()
     scale, zero, g_idx = G.grouped_params(w, grid)
     q = G.dequantize_groups(w, scale, zero, g_idx, grid.bits)
-    return QuantResult(q, scale, zero, g_idx)
+    return QuantResult(q, scale, zero, g_idx, latent=w)
 
 
-@register("rtn", RTNConfig, needs_hessian=False)
-def quantize(w: torch.Tensor, h: torch.Tensor | None, grid: GridConfig, cfg: RTNConfig, base: QuantResult | None = None,
-             stats=None) -> QuantResult:
+@register("rtn", RTNConfig, kind="quantizer", produces=("grid",))
+def quantize(state, cfg: RTNConfig, ctx) -> None:
     """Round to nearest on the grid (with --clip-search: MSE-optimal range per group)."""
-    return base if base is not None else rtn_quantize(w, grid)
+    state.set_grid(ctx.rtn(state.W, state.grid))
