@@ -185,7 +185,7 @@ def _snapshot(d: Path) -> dict:
 def quantized(tmp_path_factory):
     d = tmp_path_factory.mktemp("q")
     src = save_pico(d / "src", "llama")
-    weightsmith.quantize(src, {"method": "rtn", "grid": {"group_size": 16}}, torch.zeros(2, 8, dtype=torch.long), out=d / "q", progress=False)
+    weightsmith.quantize(src, {"method": "rtn", "grid": {"group_size": 32}}, torch.zeros(2, 8, dtype=torch.long), out=d / "q", progress=False)
     return d / "q"
 
 
@@ -540,3 +540,15 @@ def test_json_output_maps_non_finite_numbers_to_null():
     assert relative_error(z, z, torch.eye(8)) == 0.0
     assert relative_error(z, torch.ones(4, 8), torch.zeros(8, 8)) == 0.0
     assert strict_json(dumps({"a": math.nan, "b": [math.inf, 1.5], "c": {"d": -math.inf}})) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+
+
+def test_truncated_gguf_is_one_line_for_every_command(tmp_path, text, capsys, quantized):
+    gguf = tmp_path / "x.gguf"
+    assert main(["export", str(quantized), str(gguf), "--format", "gguf", "--quiet"]) == 0
+    data = gguf.read_bytes()
+    for cut in (100, len(data) // 2):
+        bad = tmp_path / "cut.gguf"
+        bad.write_bytes(data[:cut])
+        for argv in (["eval", str(bad), "--text", str(text), "--quiet"], ["inspect", str(bad)],
+                     ["quantize", str(bad), str(tmp_path / "o"), "--calib", str(text), *FAST]):
+            one_line_error(*run(argv, capsys), "cannot read GGUF file", "cut.gguf")

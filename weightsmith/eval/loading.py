@@ -54,6 +54,9 @@ def locate_model(path: Union[str, Path]) -> ModelLocation:
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise WeightsmithError(f"{p} is neither a model directory nor a .gguf file")
+        from ..export.readers import GGUFView
+
+        GGUFView(p)  # the whole header and tensor table read by the reader every command uses: a bad file is one line
         return ModelLocation(p.parent, p.name)
     if not (p / "config.json").is_file():
         raise WeightsmithError(f"{p} is not a Hugging Face model directory (no config.json)")
