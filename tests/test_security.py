@@ -114,7 +114,7 @@ def test_eval_with_yes_on_stdin_keeps_stdout_clean(tmp_path, text):
 def test_auto_map_of_a_built_in_architecture_is_ignored_not_run(tmp_path):
     """A config.json with an ``auto_map`` but a model_type transformers has: loaded with the built-in
     class (trust_remote_code=False), the shipped code never imported."""
-    from weightsmith.eval.loading import load_config, locate_model
+    from weightsmith.eval.loading import load_config, load_tokenizer, locate_model
 
     d = save_pico(tmp_path / "m", "llama")
     marker = tmp_path / "ran"
@@ -123,6 +123,11 @@ def test_auto_map_of_a_built_in_architecture_is_ignored_not_run(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "configuration_x.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     assert type(load_config(locate_model(d))).__name__ == "LlamaConfig"
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc["auto_map"] = {"AutoTokenizer": ["tokenization_x.XTokenizer", "tokenization_x.XTokenizer"]}  # a built-in tokenizer_class
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    (d / "tokenization_x.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    assert load_tokenizer(locate_model(d))("w1 w2").input_ids
     assert not marker.exists()
 
 

@@ -17,6 +17,7 @@ replaces what the user did not ask to replace.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -208,7 +209,13 @@ class OutputLock:
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                raise WeightsmithError(f"output directory's parent {out.parent} does not exist") from None
+            except PermissionError:
+                raise WeightsmithError(f"cannot write to {out.parent} (permission denied)") from None
             except OSError as e:
+                if e.errno == errno.EROFS:
+                    raise WeightsmithError(f"cannot write to {out.parent} (permission denied: read-only file system)") from None
                 raise WeightsmithError(f"cannot create the lock {self.path}: {e.strerror}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
