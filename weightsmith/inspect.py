@@ -7,7 +7,6 @@ float dirs (``export/readers.py``).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
