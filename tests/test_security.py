@@ -557,3 +557,42 @@ def test_truncated_gguf_is_one_line_for_every_command(tmp_path, text, capsys, qu
         for argv in (["eval", str(bad), "--text", str(text), "--quiet"], ["inspect", str(bad)],
                      ["quantize", str(bad), str(tmp_path / "o"), "--calib", str(text), *FAST]):
             one_line_error(*run(argv, capsys), "cannot read GGUF file", "cut.gguf")
+
+
+LIVE_RUN = r"""
+import sys, time
+from weightsmith.engine import checkpoint
+orig = checkpoint.Checkpointer.commit
+def commit(self, *a, **k):
+    orig(self, *a, **k)
+    print("committed", flush=True)
+    time.sleep(120)
+checkpoint.Checkpointer.commit = commit
+from weightsmith.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_live_first_run_keeps_its_work_and_sigterm_ends_it_like_ctrl_c(pico, tmp_path, text, capsys):
+    """Two real processes: while the first lives, a second run with --overwrite is refused and the
+    first run's OUT.partial is untouched; SIGTERM then ends the first with one line, its blocks kept."""
+    src, out = pico(), tmp_path / "o"
+    first = subprocess.Popen([sys.executable, "-c", LIVE_RUN, "quantize", str(src), str(out), "--calib", str(text), *FAST],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert first.stdout.readline().strip() == "committed"
+        before = _snapshot(tmp_path / "o.partial")
+        one_line_error(*run(["quantize", str(src), str(out), "--calib", str(text), *FAST, "--overwrite"], capsys),
+                       "another weightsmith process is writing")
+        assert _snapshot(tmp_path / "o.partial") == before
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"error: interrupted; the committed blocks are kept in {out}.partial (rerun the same command with --resume)"
+    code, _, err = run(["quantize", str(src), str(out), "--calib", str(text), *FAST, "--resume"], capsys)
+    assert code == 0, err
+    assert entries(tmp_path) == ["o", "pico-llama", "text.txt"]
