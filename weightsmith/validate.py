@@ -25,14 +25,16 @@ def check_device(device: str | torch.device) -> torch.device:
     """``device`` as a torch.device that exists here."""
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsmithError(f"invalid device {str(device)!r} ({msg}); use cpu or cuda[:N]") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise WeightsmithError(f"invalid device {str(device)!r}; use cpu or cuda[:N]") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise WeightsmithError(f"device {str(device)!r} requested but no CUDA device is available")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise WeightsmithError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise WeightsmithError(f"device {str(device)!r} requested but MPS is not available")
     elif dev.type != "cpu":
         raise WeightsmithError(f"device {str(device)!r} is not supported; use cpu or cuda[:N]")
     return dev
