@@ -54,6 +54,7 @@ def quantize(
     progress: bool = True,
     resume: bool = False,
     save_dtype: str | None = None,
+    allow_large_weights: bool = False,
 ) -> dict:
     """Quantize the checkpoint at ``model`` (HF directory or .gguf) into the HF directory ``out``.
 
@@ -64,7 +65,8 @@ def quantize(
     The run works in ``OUT.partial/`` and commits every finished block there; ``resume=True``
     continues an interrupted run of the same job (see ``engine/checkpoint.py``). ``save_dtype``
     (``bfloat16``/``float16``/``float32``) stores the floating tensors in that dtype instead of the
-    checkpoint's. Under ``torchrun`` (``WORLD_SIZE`` > 1) the calibration samples are shared
+    checkpoint's. A weight of NaN/Inf stops the run, and so does one of magnitude above
+    ``validate.WEIGHT_LIMIT`` unless ``allow_large_weights``. Under ``torchrun`` (``WORLD_SIZE`` > 1) the calibration samples are shared
     between the ranks (``engine/distributed.py``); rank 0 writes the output.
     """
     t0 = time.time()
@@ -72,8 +74,13 @@ def quantize(
     cfg = _as_config(config)
     if isinstance(calibration, (str, Path)):
         cfg = cfg.model_copy(update={"calib": cfg.calib.model_copy(update={"path": str(calibration)})})
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise WeightsmithError(f"device {cfg.device} requested but no CUDA device is available")
+    from .safety import check_output
+    from .validate import check_device, check_regexes
+
+    check_device(cfg.device)
+    check_regexes(cfg.ignore)
+    out = Path(out)
+    check_output(out, [model, cfg.calib.path], overwrite=overwrite, extra=[out.parent / f"{out.name}.partial"])
     if save_dtype is not None and save_dtype not in SAVE_DTYPES:
         raise WeightsmithError(f"save dtype {save_dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
     sdt = SAVE_DTYPES.get(save_dtype) if save_dtype else None
@@ -83,13 +90,13 @@ def quantize(
     try:
         if dist is not None and dist.device.type == "cuda":
             cfg = cfg.model_copy(update={"device": str(dist.device)})
-        return _quantize(model, cfg, calibration, Path(out), overwrite, progress, resume, sdt, dist, t0)
+        return _quantize(model, cfg, calibration, Path(out), overwrite, progress, resume, sdt, dist, t0, allow_large_weights)
     finally:
         distributed.shutdown(dist)
 
 
 def _quantize(model, cfg: QuantizeConfig, calibration, out: Path, overwrite: bool, progress: bool, resume: bool,
-              sdt: torch.dtype | None, dist, t0: float) -> dict:
+              sdt: torch.dtype | None, dist, t0: float, allow_large_weights: bool = False) -> dict:
     from .engine.checkpoint import Checkpointer, WorkDir, digest
     from .engine.streamer import stream_quantize
 
@@ -97,11 +104,22 @@ def _quantize(model, cfg: QuantizeConfig, calibration, out: Path, overwrite: boo
     progress = progress and rank0
     with CheckpointSource(model) as source, contextlib.ExitStack() as stack:
         lm = LazyModel(source, cfg.device)
+        if allow_large_weights:
+            lm.weight_limit = None
+        from .validate import check_seqlen
+
+        if cfg.needs() & CALIBRATED:
+            check_seqlen(lm.model, int(calibration.shape[-1]) if isinstance(calibration, torch.Tensor) and calibration.ndim
+                         else cfg.calib.seqlen)
 
         def make_work() -> WorkDir:
-            w = WorkDir(out, overwrite, resume)
-            done = sum(f.stat().st_size for f in w.tmp.rglob("*") if f.is_file()) if resume and w.tmp.is_dir() else 0
-            w.check_space(_output_bytes(source, lm, cfg, calibration, sdt) - done)  # a resume needs only the rest
+            w = WorkDir(out, overwrite, resume)  # takes the lock on OUT before anything is touched
+            try:
+                done = sum(f.stat().st_size for f in w.tmp.rglob("*") if f.is_file()) if resume and w.tmp.is_dir() else 0
+                w.check_space(_output_bytes(source, lm, cfg, calibration, sdt) - done)  # a resume needs only the rest
+            except BaseException:
+                w.release()
+                raise
             return w
 
         needs = cfg.needs()
@@ -109,6 +127,8 @@ def _quantize(model, cfg: QuantizeConfig, calibration, out: Path, overwrite: boo
         if planner is not None and dist is not None:
             raise WeightsmithError(f"{planner.name} (a planner) does not run data-parallel yet; run it in one process")
         work = _on_rank0(dist, make_work)
+        if work is not None:
+            stack.callback(work.release)  # held through calibration, until the work directory is closed
         if needs & CALIBRATED:
             ids, calib_source = _on_rank0(dist, lambda: _calibration(cfg, source, lm, calibration, progress)) or (None, None)
             if dist is not None:
@@ -265,9 +285,10 @@ def _calibration(cfg: QuantizeConfig, source: CheckpointSource, lm: LazyModel, c
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .calib import build_calibration
+    from .safety import from_pretrained
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(source.dir))
+        tok = from_pretrained(AutoTokenizer, source.dir)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
         raise WeightsmithError(f"cannot load the tokenizer of {source.origin}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
@@ -276,7 +297,7 @@ def _calibration(cfg: QuantizeConfig, source: CheckpointSource, lm: LazyModel, c
 
         if model_kind(lm.config) != "causal":
             raise WeightsmithError(f"no calibration text given and {source.origin} is not a causal LM that can write its own; pass --calib FILE")
-        return AutoModelForCausalLM.from_pretrained(str(source.dir), dtype=torch.float32).eval()
+        return from_pretrained(AutoModelForCausalLM, source.dir, dtype=torch.float32).eval()
 
     calib = build_calibration(cfg.calib, tok, load_model, progress=progress, vocab_size=vocab)
     gc.collect()

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import signal
 import sys
 
 from . import __version__
 from .errors import WeightsmithError
+from .validate import dumps
 
 log = logging.getLogger("weightsmith")
 
@@ -56,6 +57,8 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
                    help="replay each block once per layer group: memory of one chunk, about 2x the forward time")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (and discard an interrupted run in OUT.partial)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run kept in OUT.partial (same model, config and calibration)")
+    p.add_argument("--allow-large-weights", action="store_true",
+                   help="quantize a checkpoint with weights above 1e6 in magnitude (refused by default: such a float model is broken)")
     p.add_argument("--save-dtype", dest="save_dtype", choices=["bfloat16", "float16", "float32"],
                    help="dtype of the float tensors written (default: the checkpoint's); bfloat16/float16 round the grid values")
     _export_options(p, in_quantize=True)
@@ -206,54 +209,95 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
     cfg = _config_from_args(a)
     if a.format is None:
-        rep = quantize(a.model, cfg, out=a.out, overwrite=a.overwrite, progress=not a.quiet, resume=a.resume, save_dtype=a.save_dtype)
+        rep = quantize(a.model, cfg, out=a.out, overwrite=a.overwrite, progress=not a.quiet, resume=a.resume, save_dtype=a.save_dtype,
+                       allow_large_weights=a.allow_large_weights)
         exported = None
     else:
         rep, exported = _quantize_and_export(a, cfg)
     if "summary" not in rep:  # a data-parallel rank other than 0: rank 0 reports
         return 0
     s = rep["summary"]
-    print(json.dumps({"output": a.out, "wall_time_s": rep["wall_time_s"], "peak_rss_mb": rep["peak_rss_mb"],
-                      "layers": s.get("layers"), "mean_error": s.get("mean_error"), "mean_rtn_error": s.get("mean_rtn_error"),
-                      "mean_weight_error": s.get("mean_weight_error"),
-                      "bits_per_weight": s.get("bits_per_weight"),
-                      **({"export": exported} if exported else {})}))
+    print(dumps({"output": a.out, "wall_time_s": rep["wall_time_s"], "peak_rss_mb": rep["peak_rss_mb"],
+                 "layers": s.get("layers"), "mean_error": s.get("mean_error"), "mean_rtn_error": s.get("mean_rtn_error"),
+                 "mean_weight_error": s.get("mean_weight_error"), "bits_per_weight": s.get("bits_per_weight"),
+                 **({"export": exported} if exported else {})}))
     return 0
+
+
+def _intermediate(out):
+    """Where ``quantize --format`` keeps the dequantized model before packing it into OUT (a fixed
+    name beside OUT, so that ``--resume`` finds its ``.partial`` after an interruption)."""
+    from pathlib import Path
+
+    out = Path(out)
+    return out.parent / f".{out.name}.dequantized"
 
 
 def _quantize_and_export(a: argparse.Namespace, cfg) -> tuple[dict, dict]:
     """Quantize into a temporary dequantized dir next to OUT, pack it into OUT, remove the intermediate."""
+    import contextlib
+    import os
     import shutil
     from pathlib import Path
 
     from .api import quantize
     from .export import export, normalize_format
+    from .safety import OutputLock, check_output
 
     fmt = normalize_format(a.format)
     out = Path(a.out)
-    if out.exists() and not a.overwrite:
-        raise WeightsmithError(f"output {out} already exists (pass --overwrite to replace it)")
     if fmt == "gguf" and out.suffix.lower() != ".gguf":
         raise WeightsmithError(f"for --format gguf, OUT is the file to write and must end in .gguf (got {out})")
-    if fmt == "gguf":  # refuse an impossible grid before spending the quantization on it
-        from .export.gguf_format import choose_type
-
-        choose_type(cfg.grid.bits, cfg.grid.sym, a.gguf_type)
-    inter = out.parent / f".{out.name}.dequantized"  # a fixed name, so that --resume finds its OUT.partial
-    try:
-        rep = quantize(a.model, cfg, out=inter, overwrite=True, progress=not a.quiet, resume=a.resume, save_dtype=a.save_dtype)
+    inter = _intermediate(out)
+    check_output(out, [a.model, cfg.calib.path, a.gguf_template], overwrite=a.overwrite, kind="file" if fmt == "gguf" else "dir",
+                 extra=[inter, inter.parent / f"{inter.name}.partial"])
+    _check_format_grids(cfg, fmt, a.gguf_type)  # refuse an impossible grid before spending the quantization on it
+    rank0 = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun, rank 0 writes (and locks) the output
+    with OutputLock(out) if rank0 else contextlib.nullcontext():  # OUT is ours for the whole run: quantization and export
+        # the intermediate is replaced (or an interrupted one in its .partial discarded) only with --overwrite
+        rep = quantize(a.model, cfg, out=inter, overwrite=a.overwrite, progress=not a.quiet, resume=a.resume, save_dtype=a.save_dtype,
+                       allow_large_weights=a.allow_large_weights)
         if "summary" not in rep:  # a data-parallel rank other than 0: rank 0 exports
             return rep, {}
-        exported = export(inter, out, fmt, overwrite=a.overwrite, **_export_kwargs(a))
-    finally:  # a finished intermediate goes; an interrupted one's OUT.partial stays for --resume
-        shutil.rmtree(inter, ignore_errors=True)
+        try:  # a finished intermediate goes; an interrupted one's .partial stays for --resume
+            exported = export(inter, out, fmt, overwrite=a.overwrite, **_export_kwargs(a))
+        finally:
+            shutil.rmtree(inter, ignore_errors=True)
     return rep, exported
+
+
+def _check_format_grids(cfg, fmt: str, gguf_type: str | None) -> None:
+    """Every grid the run can produce — the recipe's, each rule's, a planner's candidates — must fit ``fmt``."""
+    from .quant import registry
+
+    if cfg.quantizer is None:
+        return
+    grids = {(cfg.grid.bits, cfg.grid.sym, f"the grid W{cfg.grid.bits}")}
+    for r in cfg.rules:
+        g = cfg._apply_rules([r]).grid
+        grids.add((g.bits, g.sym, f"rule {r.match!r} (W{g.bits})"))
+    for st in cfg.steps:
+        if registry.get(st.name).kind == "planner" and hasattr(st, "bits"):
+            grids |= {(b, cfg.grid.sym, f"{st.name}'s candidate W{b}") for b in st.bits}
+    for bits, sym, what in sorted(grids):
+        try:
+            if fmt == "gguf":
+                from .export.gguf_format import choose_type
+
+                choose_type(bits, sym, gguf_type)
+            elif fmt == "gptq":
+                from .export.gptq import GPTQ_BITS
+
+                if bits not in GPTQ_BITS:
+                    raise WeightsmithError(f"the GPTQ format packs {', '.join(map(str, GPTQ_BITS))}-bit grids, not {bits}-bit")
+        except WeightsmithError as e:
+            raise WeightsmithError(f"--format {fmt}: {what}: {e}") from None
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     from .export import export
 
-    print(json.dumps(export(a.quantized, a.out, a.format, overwrite=a.overwrite, **_export_kwargs(a))))
+    print(dumps(export(a.quantized, a.out, a.format, overwrite=a.overwrite, **_export_kwargs(a))))
     return 0
 
 
@@ -271,7 +315,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise WeightsmithError("eval needs --text FILE (evaluation text)")
     res = evaluate(a.model, text_path=a.text, seqlen=a.seqlen, windows=a.windows, reference=a.reference,
                    device=a.device, batch_size=a.batch_size, progress=not a.quiet)
-    print(json.dumps(res))
+    print(dumps(res))
     return 0
 
 
@@ -344,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+    previous = _sigterm_as_interrupt()
     try:
         return a.fn(a)
     except WeightsmithError as e:
@@ -354,14 +399,34 @@ def main(argv: list[str] | None = None) -> int:
 
         from .engine.checkpoint import MANIFEST
 
-        partial = Path(f"{getattr(a, 'out', '')}.partial")
-        kept = getattr(a, "out", None) and (partial / MANIFEST).is_file()
-        print(f"error: interrupted; the committed blocks are kept in {partial} (rerun with --resume)" if kept
+        out = getattr(a, "out", None)
+        if out and a.cmd == "quantize" and getattr(a, "format", None):
+            out = _intermediate(out)  # quantize --format: the dequantized intermediate holds the committed blocks
+        partial = Path(f"{out}.partial")
+        kept = out and (partial / MANIFEST).is_file()
+        print(f"error: interrupted; the committed blocks are kept in {partial} (rerun the same command with --resume)" if kept
               else "error: interrupted; nothing was written", file=sys.stderr)
         return 130
     except MemoryError:
         print("error: out of memory; try a smaller --chunk-size or --nsamples", file=sys.stderr)
         return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, a job scheduler's stop) ends a run as Ctrl-C does: the committed blocks are
+    kept and one line says where. Returns the previous handler (None off the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

@@ -53,9 +53,10 @@ def _eval_text(float_dir: Path, path: Path, n: int, seqlen: int, progress: bool)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .calib import generate_samples
+    from .safety import from_pretrained
 
-    tok = AutoTokenizer.from_pretrained(str(float_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(float_dir), dtype=torch.float32).eval()
+    tok = from_pretrained(AutoTokenizer, float_dir)
+    model = from_pretrained(AutoModelForCausalLM, float_dir, dtype=torch.float32).eval()
     ids = generate_samples(model, tok, n, seqlen, seed=1234, progress=progress)
     path.write_text("\n\n".join(tok.decode(row, skip_special_tokens=True) for row in ids), encoding="utf-8")
     return path

@@ -8,7 +8,6 @@ float dirs (``export/readers.py``).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -152,4 +151,6 @@ def format_table(res: dict) -> str:
 
 def main_print(model: str, reference: str | None, as_json: bool) -> None:
     res = inspect(model, reference)
-    print(json.dumps(res, indent=2) if as_json else format_table(res))
+    from .validate import dumps
+
+    print(dumps(res, indent=2) if as_json else format_table(res))

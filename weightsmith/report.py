@@ -8,6 +8,8 @@ import resource
 import sys
 from pathlib import Path
 
+from .validate import dumps
+
 log = logging.getLogger(__name__)
 
 
@@ -77,7 +79,7 @@ def summarize(layers: list[dict], steps: list | None = None) -> dict:
 
 
 def write_report(out: Path, report: dict) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.json").write_text(dumps(report, indent=2, default=str))  # valid JSON: NaN/Inf written as null
     (out / "report.md").write_text(markdown(report))
     try:
         plot_layers(report.get("layers", []), out / "report.png")

@@ -20,7 +20,6 @@ renames ``OUT.partial`` to ``OUT`` in one ``rename``: ``OUT`` is complete or abs
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -34,13 +33,14 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import WeightsmithError
-from ..model.saving import AtomicDir, fsync_file, save_tensors
+from ..model.saving import AtomicDir, fsync_file, remove_set_aside, save_tensors
+from ..model.source import _read_header
 
 log = logging.getLogger(__name__)
 
 MANIFEST = ".weightsmith-manifest.json"
 STATE = ".weightsmith-state"
-LOCK = ".weightsmith-lock"
+LOCK = ".weightsmith-lock"  # the lock of earlier versions, inside OUT.partial (now .OUT.lock beside OUT)
 FORMAT = 1
 
 
@@ -72,16 +72,20 @@ class WorkDir(AtomicDir):
     """``with WorkDir(out, overwrite, resume) as work:`` — like :class:`AtomicDir`, but the work
     directory is ``OUT.partial`` and survives an interruption so that ``resume`` can continue it.
 
-    On a clear error (bad input, disk full) it is removed: nothing is left behind. On anything else
-    (a kill, Ctrl-C, out of memory, a bug) it stays if at least one block was committed.
+    The lock (``.OUT.lock`` beside OUT) is taken at construction, before ``OUT.partial`` is
+    touched, and held until the end of the ``with`` (or :meth:`release`). On a clear error (bad
+    input, disk full) the work directory is removed: nothing is left behind. On anything else (a
+    kill, Ctrl-C, out of memory, a bug) it stays if at least one block was committed.
     """
 
     def __init__(self, out: str | Path, overwrite: bool = False, resume: bool = False, create: bool = True):
         super().__init__(out, overwrite)
         self.resume, self.create = resume, create
         self.tmp = self.out.parent / f"{self.out.name}.partial"
-        self._lock_fd: int | None = None
         self._created = False
+        if create and (self.tmp.is_symlink() or (self.tmp.exists() and not self.tmp.is_dir())):
+            self.release()
+            raise WeightsmithError(f"{self.tmp} exists and is not a directory weightsmith wrote; remove it first")
 
     @property
     def manifest_path(self) -> Path:
@@ -90,39 +94,33 @@ class WorkDir(AtomicDir):
     def __enter__(self) -> Path:
         if not self.create:  # a data-parallel rank other than 0: rank 0 owns the directory
             return self.tmp
-        if self.tmp.exists():
-            if not self.resume and not self.overwrite:
-                raise WeightsmithError(f"{self.tmp} holds an interrupted run: pass --resume to continue it or --overwrite to start over")
-            if not self.resume:
-                shutil.rmtree(self.tmp)
-        elif self.resume:
-            log.warning("--resume: no interrupted run in %s, starting from the first block", self.tmp)
-        self._created = not self.tmp.exists()
-        self.tmp.mkdir(exist_ok=True)
-        self._lock()
-        return self.tmp
-
-    def _lock(self) -> None:
-        fd = os.open(self.tmp / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise WeightsmithError(f"another weightsmith process is writing {self.tmp}") from None
-        self._lock_fd = fd
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            if self.tmp.exists():
+                if not self.resume and not self.overwrite:
+                    raise WeightsmithError(f"{self.tmp} holds an interrupted run: pass --resume to continue it or --overwrite to start over")
+                if not self.resume:
+                    shutil.rmtree(self.tmp)
+            elif self.resume:
+                log.warning("--resume: no interrupted run in %s, starting from the first block", self.tmp)
+            self._created = not self.tmp.exists()
+            self.tmp.mkdir(exist_ok=True)
+        except BaseException:
+            self.release()
+            raise
+        return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self.create:
             return False
+        try:
+            return self._exit(exc_type, exc)
+        finally:
+            self.release()
+
+    def _exit(self, exc_type, exc) -> bool:
         if exc_type is None:
             self._finalize()
             return False
-        self._unlock()
         full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
         clear = issubclass(exc_type, WeightsmithError) or full
         if not self.manifest_path.exists() or (clear and self._created):
@@ -131,24 +129,26 @@ class WorkDir(AtomicDir):
                 raise WeightsmithError(f"disk full while writing {self.out}; nothing was left behind") from None
             return False
         # a resumed run keeps the state it found; an interrupted one keeps what it committed
-        log.warning("the blocks committed so far are kept in %s; run again with --resume to continue", self.tmp)
+        # (after Ctrl-C / SIGTERM the CLI's last line says so; a warning above it would say it twice)
+        log.log(logging.INFO if issubclass(exc_type, KeyboardInterrupt) else logging.WARNING,
+                "the blocks committed so far are kept in %s; run again with --resume to continue", self.tmp)
         if full:
             raise WeightsmithError(f"disk full while writing {self.out}; the committed blocks are kept in {self.tmp} (--resume)") from None
         return False
 
     def _finalize(self) -> None:
-        """Everything is written: drop the resume state and rename into place in one step."""
+        """Everything is written: drop the resume state and rename into place in one step (still
+        holding the lock). An OUT that appeared meanwhile is replaced only with ``overwrite``;
+        without it the finished run stays in OUT.partial."""
+        if os.path.lexists(self.out) and not self.overwrite:
+            raise WeightsmithError(f"output {self.out} appeared while this run was writing it; it was not replaced. The finished "
+                                   f"run is kept in {self.tmp}: move {self.out} away and rerun with --resume (or pass --overwrite)")
         shutil.rmtree(self.tmp / STATE, ignore_errors=True)
-        self._unlock()
-        (self.tmp / LOCK).unlink(missing_ok=True)
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.rename(self.out, old)
+        (self.tmp / LOCK).unlink(missing_ok=True)  # written by earlier versions inside the work directory
+        old = self.set_aside_existing()
         os.rename(self.tmp, self.out)  # OUT appears complete, or not at all
         (self.out / MANIFEST).unlink(missing_ok=True)  # a kill just before this leaves one small hidden file
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        remove_set_aside(old)
 
 
 @dataclass
@@ -195,7 +195,10 @@ class Checkpointer:
         if man.get("threads") != self.threads:
             log.warning("resuming with %d torch threads, the interrupted run had %s: results may differ in the last bits "
                         "(float summation order)", self.threads, man.get("threads"))
-        k = int(man["committed"])
+        try:
+            k = int(man["committed"])
+        except (KeyError, TypeError, ValueError):
+            raise WeightsmithError(f"cannot resume: {path} is corrupt; pass --overwrite to start over") from None
         log.info("resuming %s at block %d of %d", self.work, k, self.n_blocks)
         if k >= self.n_blocks:  # every block is done; only the final files were missing
             return Restored(k, None, man.get("layers", []), man.get("unreached", []))
@@ -203,7 +206,15 @@ class Checkpointer:
         if not f.is_file():
             raise WeightsmithError(f"cannot resume: the state file {f} of committed block {k - 1} is missing (on a multi-node run the "
                                    "output must be on a filesystem shared by all ranks); pass --overwrite to start over")
-        flat = load_file(f)
+        try:
+            _read_header(f)  # the whole header checked against the file: a truncated state file is one line, not a traceback
+            flat = load_file(f)
+        except WeightsmithError as e:
+            raise WeightsmithError(f"cannot resume: the state file of committed block {k - 1} is unreadable ({e}); "
+                                   "pass --overwrite to start over") from None
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise WeightsmithError(f"cannot resume: the state file {f} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                   "pass --overwrite to start over") from None
         state: dict[str, list[torch.Tensor]] = {}
         for name in sorted(flat, key=lambda s: (s.rsplit(".", 1)[0], int(s.rsplit(".", 1)[1]))):
             state.setdefault(name.rsplit(".", 1)[0], []).append(flat[name].clone())  # clone: an aligned buffer of our own

@@ -25,6 +25,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from ..errors import WeightsmithError
+from ..safety import check_model_dir, from_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +54,16 @@ def locate_model(path: Union[str, Path]) -> ModelLocation:
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise WeightsmithError(f"{p} is neither a model directory nor a .gguf file")
+        from ..export.readers import GGUFView
+
+        GGUFView(p)  # the whole header and tensor table read by the reader every command uses: a bad file is one line
         return ModelLocation(p.parent, p.name)
     if not (p / "config.json").is_file():
         raise WeightsmithError(f"{p} is not a Hugging Face model directory (no config.json)")
-    return ModelLocation(p)
+    loc = ModelLocation(p)
+    _raw_config(loc)  # config.json readable, an object
+    check_model_dir(p)  # no checkpoint code, no pickles
+    return loc
 
 
 def _raw_config(loc: ModelLocation) -> dict:
@@ -101,7 +108,7 @@ def load_config(loc: ModelLocation) -> Any:
     """The transformers config of the checkpoint at ``loc``."""
     _check_known(loc, _raw_config(loc))
     try:
-        return AutoConfig.from_pretrained(str(loc.directory), **loc.kwargs())
+        return from_pretrained(AutoConfig, loc.directory, **loc.kwargs())
     except LOAD_ERRORS as e:
         raise WeightsmithError(f"cannot read the model config in {_where(loc)}: {_first_line(e)}") from None
 
@@ -163,6 +170,10 @@ def load_for_eval(
     dev = parse_device(device)
     loc = locate_model(path)
     config = load_config(loc)
+    if not loc.gguf_file:
+        from ..model.source import CheckpointSource
+
+        CheckpointSource._build_index(loc.directory)  # every safetensors header checked against its file before loading
     kind = model_kind(config)
     cls = AutoModelForCausalLM if kind == CAUSAL else _encoder_class(config)
     logger.info("loading %s (%s model) in float32", path, kind)
@@ -173,7 +184,7 @@ def load_for_eval(
 
                 model = load_dequantized_model(loc.directory, cls)
             else:
-                model = cls.from_pretrained(str(loc.directory), dtype=torch.float32, **loc.kwargs())
+                model = from_pretrained(cls, loc.directory, dtype=torch.float32, **loc.kwargs())
     except LOAD_ERRORS as e:
         raise WeightsmithError(f"cannot load the model in {_where(loc)}: {_first_line(e)}") from None
     model = model.to(dev).eval()
@@ -198,7 +209,7 @@ def _needs_own_dequantization(loc: ModelLocation) -> bool:
 def load_tokenizer(loc: ModelLocation) -> Any:
     """The tokenizer stored with the checkpoint."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(loc.directory), **loc.kwargs())
+        tokenizer = from_pretrained(AutoTokenizer, loc.directory, **loc.kwargs())
     except LOAD_ERRORS as e:
         raise WeightsmithError(f"cannot load the tokenizer in {_where(loc)}: {_first_line(e)}") from None
     if tokenizer is None or isinstance(tokenizer, bool):

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..calib.sources import read_calibration_text, tokenize_text
 from ..errors import WeightsmithError
+from ..validate import check_seqlen
 from .loading import CAUSAL, encoder_body, load_for_eval, parse_device
 from .metrics import CausalStats, EncoderStats
 
@@ -101,12 +102,12 @@ def _check_same_tokens(tokenizer: Any, ref_tokenizer: Any, text: str, ids: torch
 
 
 def _window_length(model: Any, tokenizer: Any, kind: str, seqlen: int) -> int:
-    """Causal models use ``seqlen`` as asked (with a warning past their position limit); encoders
+    """Causal models use ``seqlen`` as asked (past their position limit: refused with absolute
+    positions, a warning with rotary ones); encoders
     have absolute positions, so their windows are no longer than the model (and tokenizer) allow."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if kind == CAUSAL:
-        if isinstance(limit, int) and seqlen > limit:
-            logger.warning("seqlen %d is longer than the model's max_position_embeddings %d", seqlen, limit)
+        check_seqlen(model, seqlen)  # absolute positions (GPT-2, OPT): refused; rotary: a warning
         return seqlen
     limits = [seqlen, limit, getattr(tokenizer, "model_max_length", None)]
     usable = min(x for x in limits if isinstance(x, int) and 0 < x < UNBOUNDED_LENGTH)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import WeightsmithError
 from ..model.saving import AtomicDir
+from ..safety import OutputLock, check_output
 from .common import QuantizedCheckpoint, check_holds
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,10 @@ def export(quantized: str | Path, out: str | Path, fmt: str, *, overwrite: bool 
     out = Path(out)
     if fmt == "gguf" and out.suffix.lower() != ".gguf":
         raise WeightsmithError(f"for --format gguf, OUT is the file to write and must end in .gguf (got {out})")
-    with QuantizedCheckpoint(quantized) as ckpt:
+    check_output(out, [quantized, gguf_template], overwrite=overwrite, kind="file" if fmt == "gguf" else "dir")
+    if not out.parent.is_dir():
+        raise WeightsmithError(f"output directory's parent {out.parent} does not exist")
+    with OutputLock(out), QuantizedCheckpoint(quantized) as ckpt:  # OUT's lock, temporary file or directory included
         if fmt == "gguf":
             from .gguf_format import HOLDS, export_gguf, layer_types, write_atomically
 

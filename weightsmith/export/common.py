@@ -430,7 +430,9 @@ def unquantized_linears(ckpt: QuantizedCheckpoint) -> list[str]:
 
     from ..model.adapter import model_class
 
-    cfg = AutoConfig.from_pretrained(str(ckpt.dir))
+    from ..safety import from_pretrained
+
+    cfg = from_pretrained(AutoConfig, ckpt.dir)
     with init_empty_weights():
         model = model_class(cfg)._from_config(cfg)
     quantized = set(ckpt.layers)

@@ -330,6 +330,8 @@ def write_atomically(out: Path, overwrite: bool, fn) -> dict:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         info = fn(tmp)
+        if os.path.lexists(out) and not overwrite:  # never replace what this run did not create
+            raise WeightsmithError(f"output {out} appeared while this run was writing it; it was not replaced (pass --overwrite to replace it)")
         os.replace(tmp, out)
     finally:
         if tmp.exists():

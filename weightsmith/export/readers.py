@@ -8,7 +8,6 @@ the docstrings of the exporters) and share no code with the packers.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -71,10 +70,7 @@ def detect_format(path: str | Path) -> str:
     cfgf = p / "config.json"
     if not cfgf.is_file():
         raise WeightsmithError(f"{p} is not a Hugging Face model directory (no config.json)")
-    try:
-        qc = json.loads(cfgf.read_text(encoding="utf-8")).get("quantization_config") or {}
-    except (ValueError, UnicodeDecodeError) as e:
-        raise WeightsmithError(f"{cfgf} is not valid JSON: {e}") from None
+    qc = quantization_config(_read_json(cfgf), cfgf)
     method = qc.get("quant_method")
     if method == "compressed-tensors":
         return "compressed-tensors"
@@ -83,6 +79,32 @@ def detect_format(path: str | Path) -> str:
     if method:
         raise WeightsmithError(f"{p} uses quantization method {method!r}, which weightsmith cannot read")
     return "float"
+
+
+def _read_json(path: Path) -> dict:
+    from ..model.source import _read_json as read
+
+    return read(path)
+
+
+def quantization_config(config: dict, where: Path) -> dict:
+    """``config["quantization_config"]`` as an object ({} when absent); a one-line error otherwise."""
+    qc = config.get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        raise WeightsmithError(f"{where}: quantization_config is a {type(qc).__name__}, not an object")
+    return qc
+
+
+def _int_field(d: dict, key: str, default, where: Path, lo: int | None = None, hi: int | None = None) -> int:
+    v = d.get(key)
+    if v is None:
+        if default is None:
+            raise WeightsmithError(f"{where}: quantization_config has no {key}")
+        v = default
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else ""
+        raise WeightsmithError(f"{where}: quantization_config {key} is {v!r}, not an integer{rng}")
+    return v
 
 
 def open_checkpoint(path: str | Path):
@@ -150,7 +172,10 @@ class WeightsmithView(_SafetensorsView):
 
     def __init__(self, path: Path):
         super().__init__(path)
-        grid = json.loads((path / "report.json").read_text(encoding="utf-8")).get("config", {}).get("grid")
+        report = _read_json(path / "report.json")
+        grid = report.get("config", {}).get("grid") if isinstance(report.get("config"), dict) else None
+        if grid is not None and not isinstance(grid, dict):
+            raise WeightsmithError(f"{path / 'report.json'}: config.grid is not an object")
         self.grid = grid or {}
         self.q, self.encodings = read_qparams(path / "qparams", Grid.of(grid).as_dict() if grid else None)
         self.layers = set(self.encodings)
@@ -219,19 +244,28 @@ class CompressedTensorsView(_PackedView):
 
     def __init__(self, path: Path):
         super().__init__(path)
-        qc = self.config["quantization_config"]
-        groups = list((qc.get("config_groups") or {}).values())
+        where = path / "config.json"
+        qc = quantization_config(self.config, where)
+        cg = qc.get("config_groups")
+        if cg is not None and not isinstance(cg, dict):
+            raise WeightsmithError(f"{where}: quantization_config.config_groups is not an object")
+        groups = list((cg or {}).values())
+        if any(not isinstance(g, dict) or not isinstance(g.get("weights"), dict) for g in groups):
+            raise WeightsmithError(f"{where}: quantization_config.config_groups has a group without a weights scheme")
         fmts = {g.get("format") or qc.get("format") for g in groups} | {qc.get("format")}
         if not groups or not fmts <= {"pack-quantized", None}:
             raise WeightsmithError(f"{path}: only pack-quantized compressed-tensors checkpoints are read")
+        for g in groups:
+            _int_field(g["weights"], "num_bits", None, where, lo=1, hi=8)
+            _int_field(g["weights"], "group_size", -1, where, lo=-1)
         self.groups = [(list(g.get("targets") or []), g["weights"]) for g in groups]
         self.ignore = list(qc.get("ignore") or [])
         self._args: dict[str, dict] = {}
         if len(self.groups) == 1:  # what the single-group reader exposed
             self.args = self.groups[0][1]
-            self.bits = int(self.args["num_bits"])
+            self.bits = _int_field(self.args, "num_bits", None, where, lo=1, hi=8)
             self.sym = bool(self.args.get("symmetric", True))
-            self.group_size = self.args.get("group_size") or -1
+            self.group_size = _int_field(self.args, "group_size", -1, where, lo=-1) or -1
 
     PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
@@ -295,10 +329,13 @@ class GPTQView(_PackedView):
 
     def __init__(self, path: Path):
         super().__init__(path)
-        qc = self.config["quantization_config"]
-        self.bits = int(qc["bits"])
+        where = path / "config.json"
+        qc = quantization_config(self.config, where)
+        self.bits = _int_field(qc, "bits", None, where, lo=2, hi=8)
+        if 32 % self.bits:
+            raise WeightsmithError(f"{where}: quantization_config.bits {self.bits} does not pack into 32-bit words")
         self.sym = bool(qc.get("sym", True))
-        self.group_size = int(qc.get("group_size", -1))
+        self.group_size = _int_field(qc, "group_size", -1, where, lo=-1)
         self.v1 = qc.get("checkpoint_format", "gptq") == "gptq"
         self.dynamic = dict(qc.get("dynamic") or {})
 
@@ -406,7 +443,9 @@ def load_dequantized_model(path: Path, cls, dtype=torch.float32):
 
     view = open_checkpoint(path)
     with view:
-        cfg = AutoConfig.from_pretrained(str(path))
+        from ..safety import from_pretrained
+
+        cfg = from_pretrained(AutoConfig, path)
         if hasattr(cfg, "quantization_config"):
             del cfg.quantization_config
         model = cls.from_config(cfg, dtype=dtype) if hasattr(cls, "from_config") else cls._from_config(cfg, dtype=dtype)

@@ -16,7 +16,9 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import NumericalError, WeightsmithError
+from ..errors import WeightsmithError
+from ..safety import from_pretrained
+from ..validate import WEIGHT_LIMIT, check_weight
 from .source import CheckpointSource
 
 log = logging.getLogger(__name__)
@@ -86,8 +88,9 @@ class LazyModel:
     def __init__(self, source: CheckpointSource, device: str = "cpu"):
         self.source = source
         self.device = torch.device(device)
+        self.weight_limit: float | None = WEIGHT_LIMIT  # None: only NaN/Inf stop the run (--allow-large-weights)
         try:
-            self.config = transformers.AutoConfig.from_pretrained(str(source.dir))
+            self.config = from_pretrained(transformers.AutoConfig, source.dir)
         except (ValueError, KeyError, OSError) as e:
             raise WeightsmithError(f"unknown or unsupported model in {source.dir}: {str(e).splitlines()[0]}") from None
         if getattr(self.config, "quantization_config", None):
@@ -138,8 +141,8 @@ class LazyModel:
         sd = {}
         for rel, key in names.items():
             t = self.source.get(key).to(self.device, torch.float32)
-            if not torch.isfinite(t).all():
-                raise NumericalError(f"the checkpoint has NaN/Inf values in {key}")
+            if self.source.dtype(key).is_floating_point:
+                check_weight(key, t, self.weight_limit)
             sd[rel] = t
         missing = [n for n, p in module.named_parameters() if n not in sd]
         if missing:
@@ -159,8 +162,8 @@ class LazyModel:
         for k, key in names.items():
             if k in params or k in dict(self.model.named_buffers()):
                 t = self.source.get(key).to(self.device, torch.float32)
-                if not torch.isfinite(t).all():
-                    raise NumericalError(f"the checkpoint has NaN/Inf values in {key}")
+                if self.source.dtype(key).is_floating_point:
+                    check_weight(key, t, self.weight_limit)
                 sd[k] = t
         self.model.load_state_dict(sd, strict=False, assign=True)
         for target, src in tied.items():

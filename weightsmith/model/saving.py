@@ -14,23 +14,35 @@ from ..errors import WeightsmithError
 
 
 class AtomicDir:
-    """``with AtomicDir(out, overwrite) as tmp:`` — write into ``tmp``; ``out`` appears only on success."""
+    """``with AtomicDir(out, overwrite) as tmp:`` — write into ``tmp``; ``out`` appears only on success.
+
+    The lock ``.OUT.lock`` (``safety.OutputLock``) is taken here, before anything is deleted or
+    created, and held until the end of the ``with`` (or :meth:`release`, for a caller that stops
+    before entering it). The final rename replaces an ``out`` that exists at that moment only with
+    ``overwrite``: a directory someone else created there meanwhile is left alone."""
 
     def __init__(self, out: str | Path, overwrite: bool = False):
+        from ..safety import OutputLock, check_output
+
         self.out = Path(out)
         self.overwrite = overwrite
-        if self.out.exists() and not overwrite:
-            raise WeightsmithError(f"output {self.out} already exists (pass --overwrite to replace it)")
+        check_output(self.out, overwrite=overwrite)
         parent = self.out.parent
         if not parent.exists():
             raise WeightsmithError(f"output directory's parent {parent} does not exist")
         if not os.access(parent, os.W_OK):
             raise WeightsmithError(f"cannot write to {parent} (permission denied)")
         self.tmp = parent / f".{self.out.name}.tmp-{os.getpid()}"
+        self.lock = OutputLock(self.out)
+
+    def release(self) -> None:
+        """Give the lock back (idempotent)."""
+        self.lock.release()
 
     def check_space(self, needed: int) -> None:
         free = shutil.disk_usage(self.out.parent).free
         if free < needed:
+            self.release()
             raise WeightsmithError(f"not enough disk space in {self.out.parent}: need {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
 
     def __enter__(self) -> Path:
@@ -39,19 +51,45 @@ class AtomicDir:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                raise WeightsmithError(f"disk full while writing {self.out}; nothing was left behind") from None
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    raise WeightsmithError(f"disk full while writing {self.out}; nothing was left behind") from None
+                return False
+            try:
+                old = self.set_aside_existing()
+            except WeightsmithError:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+            os.rename(self.tmp, self.out)
+            remove_set_aside(old)
             return False
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
+        finally:
+            self.release()
+
+    def set_aside_existing(self) -> Path | None:
+        """Before the final rename: an ``out`` that exists now is renamed aside (to be removed after
+        the rename) with ``overwrite``, and refused without it."""
+        if not os.path.lexists(self.out):
+            return None
+        if not self.overwrite:
+            raise WeightsmithError(f"output {self.out} appeared while this run was writing it; it was not replaced "
+                                   "(pass --overwrite to replace it)")
+        old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+        os.rename(self.out, old)
+        return old
+
+
+def remove_set_aside(old: Path | None) -> None:
+    """Remove what :meth:`AtomicDir.set_aside_existing` renamed aside, whatever it is (a symlink,
+    a file or a directory), so that no ``.OUT.old-<pid>`` stays behind."""
+    if old is None:
+        return
+    if old.is_symlink() or not old.is_dir():
+        old.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class ShardWriter:

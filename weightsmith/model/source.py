@@ -16,10 +16,11 @@ import torch
 from dataclasses import dataclass
 
 from ..errors import WeightsmithError
+from ..safety import check_model_dir, check_no_pickles
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".msgpack", ".h5")
 
 
 class CheckpointSource:
@@ -35,6 +36,7 @@ class CheckpointSource:
             p = self._convert_gguf(p)
         if not (p / "config.json").is_file():
             raise WeightsmithError(f"{p} has no config.json: not a Hugging Face model directory")
+        check_model_dir(p)  # no checkpoint code, no pickles
         self.dir = p
         self.config_dict = _read_json(p / "config.json")
         self.index = self._build_index(p)
@@ -52,8 +54,7 @@ class CheckpointSource:
             files = sorted(f.name for f in p.glob("*.safetensors"))
             weight_map = None
         if not files:
-            if any(p.glob("*.bin")) or any(p.glob("*.pt")):
-                raise WeightsmithError(f"{p} holds only pickle weights (*.bin); weightsmith reads safetensors only (pickles are unsafe to load)")
+            check_no_pickles(p)
             raise WeightsmithError(f"{p} has no *.safetensors weights")
         index: dict[str, _Entry] = {}
         for name in files:
@@ -157,10 +158,12 @@ def gguf_to_hf(f: Path, dest: Path) -> None:
     """Dequantize a GGUF checkpoint through transformers into a float32 HF directory ``dest``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..safety import from_pretrained
+
     log.info("dequantizing %s to a float32 checkpoint", f.name)
     try:
-        tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
-        model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
+        tok = from_pretrained(AutoTokenizer, f.parent, gguf_file=f.name)
+        model = from_pretrained(AutoModelForCausalLM, f.parent, gguf_file=f.name, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - the gguf reader raises many types
         raise WeightsmithError(f"cannot read GGUF file {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     model.hf_quantizer = None
@@ -172,9 +175,14 @@ def gguf_to_hf(f: Path, dest: Path) -> None:
 
 def _read_json(p: Path) -> dict:
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsmithError(f"{p} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise WeightsmithError(f"cannot read {p}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise WeightsmithError(f"{p} is not a JSON object (got a {type(data).__name__})")
+    return data
 
 
 _DTYPES = {
@@ -194,28 +202,73 @@ class _Entry:
     shape: tuple[int, ...]
 
 
+MAX_HEADER = 100 * 2**20
+
+
 def _read_header(f: Path) -> dict[str, _Entry]:
-    """Parse a safetensors header and check the file holds all the data it promises."""
-    size = f.stat().st_size
+    """Parse a safetensors header and check all of it against the file, before any tensor is read:
+    a JSON object of entries with a known dtype, a shape of non-negative integers and data offsets
+    that hold exactly dtype × shape bytes, lie one after the other from 0 with no gap or overlap,
+    and end where the file ends. Any other file is refused in one line."""
     try:
+        size = f.stat().st_size
         with open(f, "rb") as fh:
             raw = fh.read(8)
             n = int.from_bytes(raw, "little")
-            if len(raw) < 8 or n <= 0 or n > min(size - 8, 100 * 2**20):
+            if len(raw) < 8 or n <= 0 or n > min(size - 8, MAX_HEADER):
                 raise ValueError("bad header length")
             header = json.loads(fh.read(n))
-        out = {}
-        end = 0
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            if v["dtype"] not in _DTYPES:
-                raise ValueError(f"unsupported dtype {v['dtype']} for {k}")
-            s, e = v["data_offsets"]
-            out[k] = _Entry(f, 8 + n, s, e, _DTYPES[v["dtype"]], tuple(v["shape"]))
-            end = max(end, e)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise WeightsmithError(f"corrupt safetensors file {f}: {str(e).splitlines()[0] if str(e) else 'unreadable header'}") from None
+    except OSError as e:
+        raise WeightsmithError(f"cannot read {f}: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightsmithError(f"corrupt safetensors file {f}: {_first(e, 'unreadable header')}") from None
+    try:
+        out = _parse_header(f, header, 8 + n)
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsmithError(f"corrupt safetensors file {f}: {_first(e, 'malformed header')}") from None
+    end = max((e.end for e in out.values()), default=0)
     if size < 8 + n + end:
         raise WeightsmithError(f"corrupt safetensors file {f}: truncated ({size} bytes, header promises {8 + n + end})")
+    if size > 8 + n + end:
+        raise WeightsmithError(f"corrupt safetensors file {f}: {size - 8 - n - end} bytes after the last tensor's data "
+                               "(offsets do not cover the file)")
+    return out
+
+
+def _first(e: BaseException, default: str) -> str:
+    return str(e).splitlines()[0] if str(e) else default
+
+
+def _parse_header(f: Path, header, offset: int) -> dict[str, _Entry]:
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__")
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError("__metadata__ is not an object")
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if not isinstance(v, dict):
+            raise ValueError(f"entry {k} is not an object")
+        dt, shape, offs = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+        if not isinstance(dt, str) or dt not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dt!r} for {k}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {k} has an invalid shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs) and 0 <= offs[0] <= offs[1]):
+            raise ValueError(f"tensor {k} has invalid data_offsets {offs!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * _DTYPES[dt].itemsize
+        if offs[1] - offs[0] != nbytes:
+            raise ValueError(f"tensor {k}: data_offsets {offs} hold {offs[1] - offs[0]} bytes, but {dt} × {shape} needs {nbytes}")
+        out[k] = _Entry(f, offset, offs[0], offs[1], _DTYPES[dt], tuple(shape))
+    pos = 0
+    for k, e in sorted(out.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if e.start != pos:
+            raise ValueError(f"tensor {k}'s data starts at {e.start}, not at {pos} where the previous one ends "
+                             "(offsets not contiguous)")
+        pos = e.end
     return out

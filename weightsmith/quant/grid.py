@@ -113,4 +113,6 @@ def relative_error(delta: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> flo
     """‖ΔW X‖² / ‖W X‖² from the input statistics ``h = XᵀX / N`` (no activations needed)."""
     num = ((delta @ h) * delta).sum()
     den = ((w @ h) * w).sum()
-    return float(num / den) if den > 0 else float("nan")
+    if den > 0:
+        return float(num / den)
+    return 0.0 if not num > 0 else float("inf")  # a zero layer (or zero input) is reproduced exactly: error 0, never NaN
