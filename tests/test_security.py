@@ -487,7 +487,7 @@ def test_seqlen_past_the_positions(tmp_path, text, capsys, caplog):
                    "512 positions")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "opt", "text.txt"]
     llama = save_pico(tmp_path / "llama", "llama")  # rotary: runs, with a warning
-    code, out, err = run(["quantize", str(llama), str(tmp_path / "o"), "--calib", str(text), "--method", "rtn", "--nsamples", "1",
+    code, out, err = run(["quantize", str(llama), str(tmp_path / "o"), "--calib", str(text), "--method", "gptq", "--nsamples", "1",
                           "--seqlen", "600"], capsys)
     assert code == 0, err
     assert "600 is longer than the model's max_position_embeddings 512" in err + caplog.text

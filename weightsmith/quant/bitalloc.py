@@ -8,9 +8,9 @@ quantizer options, or RTN) and its error recorded — the relative output error 
 of its layers, summed (``objective: relative``), or the absolute ``tr(E H Eᵀ)`` (``absolute``) — with
 its storage in bits counted as the report counts them (codes, 16-bit scales, zero points of
 asymmetric grids, a permuting ``g_idx``). Choosing one candidate per group to minimise the summed
-error under ``Σ bits ≤ X · Σ weights`` is a multiple-choice knapsack, solved exactly by dynamic
-programming over the budget in ``resolution`` steps (costs rounded up, so the plan never exceeds the
-budget). The plan becomes per-layer rules; the second pass runs the recipe with them. Layers that
+error under ``Σ bits ≤ X · Σ weights`` is a multiple-choice knapsack, solved by dynamic programming
+over the budget: exactly, in units of the costs' greatest common divisor, when that takes at most
+200,000 steps; else in ``resolution`` steps with the costs rounded up (the plan never exceeds the budget). The plan becomes per-layer rules; the second pass runs the recipe with them. Layers that
 read one input (q/k/v, gate/up) are one group and get one grid.
 """
 from __future__ import annotations
@@ -27,6 +27,9 @@ from ..config import Strict
 from ..encodings import Grid
 from ..errors import WeightsmithError
 from .registry import Planner, register
+
+
+EXACT_STEPS = 200_000
 
 
 class BitAllocConfig(Strict):
@@ -101,8 +104,16 @@ def plan(groups: list[dict], cfg: BitAllocConfig, qcfg=None) -> tuple[list[dict]
     if floor > budget:
         raise WeightsmithError(f"--target-bpw {cfg.target_bpw}: the smallest candidates need {floor / numel:.3f} bits per weight; "
                                "raise the target or add smaller candidates (bits, group sizes)")
-    R = cfg.resolution
-    unit = budget / R
+    # exact when the costs share a unit that leaves at most EXACT_STEPS budget steps, else `resolution` steps with costs rounded up
+    g = 0
+    for os in opts:
+        for o in os:
+            g = math.gcd(g, int(o["storage_bits"]))
+    if g and budget / g <= EXACT_STEPS:
+        unit, R = float(g), int(budget // g)
+    else:
+        R = cfg.resolution
+        unit = budget / R
     INF = float("inf")
     dp = np.full(R + 1, INF)
     dp[0] = 0.0

@@ -8,13 +8,21 @@ AutoRound's signed-gradient rounding, Cheng et al. 2023; FlexRound, Lee et al. I
 for this engine, not taken from any of them.
 
 For every layer of the block with a grid, each (row, group) scale gets a learnable log-factor
-``θ`` (0 at the start): ``s' = s·exp(θ)``, and the layer's weight is re-rounded from the values the
-quantizer rounded (GPTQ's compensated weights, ``Grid.latent``):
+``θ`` (0 at the start): ``s' = s·exp(θ)``, and the layer's weight is rounded again on the new scale:
 
-    W(θ) = s'·(clamp(⌊L / s'⌉ + z, 0, 2^b − 1) − z)        (⌊·⌉ straight-through: d⌊x⌉/dx = 1)
+    W(θ) = s'·(clamp(⌊W_q / s'⌉ + z, 0, 2^b − 1) − z)
 
-so at ``θ = 0`` the layer is exactly the quantizer's result, and the zero points and the grid stay
-as they are (the tuned scales are what the checkpoint stores; bits per weight do not change).
+with ``W_q`` the quantizer's result. The rounding is passed straight through as a *constant* in the
+backward pass (``ste: constant``, the default: the codes' derivative is taken as 0, so
+``∂W/∂s' = q − z``): for small changes of the scale the codes stay the quantizer's — GPTQ's
+compensated codes — and the scales move along the exact gradient; a scale that moves far enough
+re-rounds its codes in the forward. So at ``θ = 0`` the layer is exactly the quantizer's result, and
+the zero points and the grid stay as they are (the tuned scales are what the checkpoint stores;
+bits per weight do not change). ``ste: identity`` is the LSQ-style estimator instead (``∂⌊x⌉/∂x = 1``,
+re-rounding the values the solver rounded, ``Grid.latent``); measured on the pico Llama at W3 g32 it
+*raises* the block error for every learning rate tried (1e-4 … 1e-2): moving a scale re-rounds GPTQ's
+latent values, and flipped codes break the column-by-column compensation they were computed with.
+
 ``θ`` is fitted with Adam on minibatches of the block's quantized-path inputs against a target: the
 float block on the same inputs (``target: float_block``, the default) or the float model's block
 outputs on its own inputs (``float_path``). The block output error ``Σ‖B_q(X) − T‖² / Σ‖T‖²`` over
@@ -31,6 +39,8 @@ from pydantic import Field
 
 from ..config import Strict
 from ..encodings import Grid
+from transformers.pytorch_utils import Conv1D
+
 from ..model.adapter import get_weight, set_weight
 from .registry import register
 
@@ -38,11 +48,13 @@ from .registry import register
 class TuneScalesConfig(Strict):
     name: Literal["tune_scales"] = "tune_scales"
     iters: int = Field(60, ge=1, description="Adam iterations per block")
-    lr: float = Field(2e-3, gt=0.0, description="learning rate on the log-scale factors")
+    lr: float = Field(3e-3, gt=0.0, description="learning rate on the log-scale factors")
     batch: int = Field(2, ge=1, description="calibration samples per iteration")
     samples: Optional[int] = Field(None, ge=1, description="calibration samples used (default: all, or those with a float path)")
     target: Literal["float_block", "float_path"] = Field("float_block", description="float_block: the float block on the quantized-path inputs; "
                                                           "float_path: the float model's outputs (carries the float path through the model)")
+    ste: Literal["constant", "identity"] = Field("constant", description="the rounding's backward: constant (the quantizer's codes re-rounded "
+                                                 "in the forward, dW/ds = q - z) or identity (LSQ-style, re-rounding the solver's latent values)")
     seed: int = 0
 
 
@@ -64,18 +76,22 @@ def _out(o):
     return o[0] if isinstance(o, tuple) else o
 
 
-def qweight(g: Grid, theta: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def qweight(g: Grid, theta: torch.Tensor, mask: torch.Tensor | None, ste: str, ongrid: torch.Tensor) -> torch.Tensor:
     s = g.scale * torch.exp(theta)
     gi = g.g_idx.long()
     S, Z = s[:, gi], g.zero[:, gi].float()
-    x = g.latent / S
-    x = x + (torch.round(x) - x).detach()  # straight-through rounding
-    W = S * (torch.clamp(x + Z, 0, 2**g.bits_ - 1) - Z)
+    x = (g.latent if ste == "identity" else ongrid) / S
+    if ste == "identity":
+        x = x + (torch.round(x) - x).detach()  # straight-through rounding: d⌊x⌉/dx = 1
+        q = torch.clamp(x + Z, 0, 2**g.bits_ - 1)
+    else:  # the codes re-rounded in the forward, held constant in the backward: dW/ds = q − z
+        q = torch.clamp(torch.round(x) + Z, 0, 2**g.bits_ - 1).detach()
+    W = S * (q - Z)
     return W if mask is None else W * mask
 
 
 def tune(ctx, cfg: TuneScalesConfig) -> None:
-    """Tune each grid scale of the block by gradient descent on the block output error (straight-through rounding)."""
+    """Tune each grid scale of the block by gradient descent on the block output error (rounding passed straight through)."""
     from ..encodings import Sparsity
 
     t0 = time.perf_counter()
@@ -85,7 +101,8 @@ def tune(ctx, cfg: TuneScalesConfig) -> None:
         if g is None or g.latent is None or rec.rel not in ctx.modules:
             continue
         sp = next((e for e in rec.encodings if isinstance(e, Sparsity)), None)
-        tuned.append((rec, g, ctx.modules[rec.rel], None if sp is None else sp.mask.to(g.latent)))
+        m = ctx.modules[rec.rel]
+        tuned.append((rec, g, m, None if sp is None else sp.mask.to(g.latent), get_weight(m).detach().clone()))
     if not tuned:
         return
     if cfg.target == "float_path":
@@ -115,12 +132,12 @@ def tune(ctx, cfg: TuneScalesConfig) -> None:
     params = {f"{rec.rel}.weight": None for rec, *_ in tuned}
     for p in ctx.block.parameters():
         p.requires_grad_(False)
-    thetas = [torch.zeros_like(g.scale, requires_grad=True) for _, g, _, _ in tuned]
-    conv = [get_weight(m) is not m.weight.data for _, _, m, _ in tuned]  # HF Conv1D stores (in, out)
+    thetas = [torch.zeros_like(g.scale, requires_grad=True) for _, g, _, _, _ in tuned]
+    conv = [isinstance(m, Conv1D) for _, _, m, _, _ in tuned]  # HF Conv1D stores (in, out)
 
     def weights(th):
-        for (rec, g, m, mask), t, tr in zip(tuned, th, conv):
-            w = qweight(g, t, mask)
+        for (rec, g, m, mask, w0), t, tr in zip(tuned, th, conv):
+            w = qweight(g, t, mask, cfg.ste, w0)
             params[f"{rec.rel}.weight"] = w.t() if tr else w
         return params
 
@@ -149,8 +166,8 @@ def tune(ctx, cfg: TuneScalesConfig) -> None:
     kept = after < before
     if kept:
         with torch.no_grad():
-            for (rec, g, m, mask), t in zip(tuned, thetas):
-                w = qweight(g, t, mask)
+            for (rec, g, m, mask, w0), t in zip(tuned, thetas):
+                w = qweight(g, t, mask, cfg.ste, w0)
                 g.scale = (g.scale * torch.exp(t)).detach().contiguous()
                 set_weight(m, w.detach())
     info = {"block_error_before": before, "block_error_after": after if kept else before, "kept": kept,
