@@ -4,14 +4,16 @@ top-1 vs float on the first 64×512 windows of wiki.eval.txt).
 
     .venv/bin/python bench/bench_methods.py --recipes gptq,gptaq,foem,rescomp,gptaq+foem --grids w4g64,w4g128,w3g64,w2g64a
 
-A recipe is ``NAME[:key=value,...]`` — NAME is a method (``+`` combinations included) or steps joined
-by ``>`` (``awq>gptq>lorc8``; ``lorcN`` = LoRC of rank N); the options are the quantizer's config fields (``gptaq:gptaq_alpha=0.5``) or top-level config fields (``gptq:chunk_size=8``); :func:`recipe_config` turns it into the config
-dict that ``weightsmith.config.build_config`` validates, and ``RECIPES`` can map a name to any other
-config dict (other steps, other keys). A grid is ``w<bits>g<group>`` (``g-1``: per row) with a
+A recipe is written in weightsmith's one step grammar (``weightsmith.config.parse_steps``), the same
+as ``quantize --method``: steps joined by ``,``, options as ``:KEY=VALUE`` (``rescomp:float_samples=64``,
+``awq,gptq``, ``rescomp:float_samples=64,lorc:rank=8``, ``bitalloc:target_bpw=3.25,gptq``); the recipes of
+one invocation are separated by ``;`` or spaces. Recipes of the stores before Engine 2 used ``>`` between
+steps and ``lorcN`` for LoRC of rank N; :func:`recipe_config` still reads those names (the keys of
+methods.json), so old rows can be re-run under their own name. A grid is ``w<bits>g<group>`` (``g-1``: per row) with a
 trailing ``a`` for asymmetric. Each quantization runs in its own process (``quantize --recipe``, so
-its wall time and peak RSS are its own); finished runs are appended to bench/results/methods.json
+its wall time and peak RSS are its own); finished runs are appended to bench/results/<tag>.json
 (keyed ``recipe@grid``) and skipped when the script runs again, so it can be resumed; models
-quantized but not yet evaluated are evaluated without re-quantizing. methods.md is regenerated
+quantized but not yet evaluated are evaluated without re-quantizing. <tag>.md is regenerated
 from the JSON after every evaluation pass.
 """
 from __future__ import annotations
@@ -28,45 +30,28 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, CALIB, EVAL, RESULTS, eval_many, run_cli, smollm2_float_dir  # noqa: E402
 
-RECIPES: dict[str, dict] = {}  # recipe name -> config dict, for recipes that are not just a method name
+def legacy_recipe(recipe: str) -> str:
+    """A recipe name of the stores before Engine 2 (``awq>gptq``, ``rescomp>lorc8:float_samples=64``) in the step grammar."""
+    if ">" not in recipe:
+        return recipe
+    names, _, opts = recipe.partition(":")
+    steps = []
+    for st in names.split(">"):
+        m = re.fullmatch(r"lorc(\d+)", st)
+        steps.append(f"lorc:rank={m.group(1)}" if m else st)
+    if opts:  # the options went to the quantizer step
+        from weightsmith.config import _step_kind
 
-
-def _value(v: str):
-    try:
-        return yaml.safe_load(v)
-    except yaml.YAMLError:
-        return v
+        qi = next(i for i, st in enumerate(steps) if _step_kind({"name": st.split(":")[0]}) == "quantizer")
+        steps[qi] += ":" + opts.replace(",", ":")
+    return ",".join(steps)
 
 
 def recipe_config(recipe: str) -> dict:
-    """``'gptaq+foem:foem_beta=0.1'`` → ``{"method": {"name": "gptaq+foem", "foem_beta": 0.1}}`` (validated)."""
+    """``'gptaq+foem:foem_beta=0.1'`` → ``{"method": "gptaq+foem:foem_beta=0.1"}`` (validated)."""
     from weightsmith.config import build_config
 
-    name, _, opts = recipe.partition(":")
-    if name in RECIPES:
-        data = json.loads(json.dumps(RECIPES[name]))
-    else:
-        data = {"method": {"name": name}}
-    quantizer = data["method"] if isinstance(data.get("method"), dict) else None
-    if ">" in name:  # steps: awq>gptq>lorc8 (lorcN = LoRC of rank N); options go to the quantizer step
-        from weightsmith.config import _step_kind
-
-        steps = []
-        for st in name.split(">"):
-            m = re.fullmatch(r"lorc(\d+)", st)
-            steps.append({"name": "lorc", "rank": int(m.group(1))} if m else {"name": st})
-        data = {"method": steps}
-        quantizer = next((st for st in steps if _step_kind(st) == "quantizer"), None)
-    from weightsmith.config import QuantizeConfig
-
-    for kv in filter(None, opts.split(",")):
-        k, _, v = kv.partition("=")
-        if k.strip() in QuantizeConfig.model_fields and k.strip() != "method":  # an engine option: float_samples=32
-            data[k.strip()] = _value(v.strip())
-            continue
-        if quantizer is None:
-            raise SystemExit(f"recipe {recipe!r}: options need a quantizer step")
-        quantizer[k.strip()] = _value(v.strip())
+    data = {"method": legacy_recipe(recipe)}
     build_config(data)  # fail here, not in the subprocess, on a bad recipe
     return data
 
@@ -100,6 +85,10 @@ def _row_order(r: dict) -> tuple:
             RECIPE_ORDER.index(name) if name in RECIPE_ORDER else len(RECIPE_ORDER), name)
 
 
+def _e(v) -> str:
+    return "–" if v is None else f"{v:.3e}"
+
+
 def table(payload: dict) -> str:
     fp = payload.get("float_perplexity")
     lines = ["# Method benchmark — SmolLM2-135M" + (f", float32 perplexity {fp:.2f}" if fp else ""), "",
@@ -109,7 +98,7 @@ def table(payload: dict) -> str:
         if "perplexity" not in r:
             continue
         lines.append(f"| {r['recipe']} | {r['grid']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {r['kl']:.4f} | {r['top1']:.4f} | "
-                     f"{r['quantize_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['mean_layer_error']:.3e} | {r['mean_rtn_layer_error']:.3e} |")
+                     f"{r['quantize_s']:.1f} | {r['peak_rss_mb']:.0f} | {_e(r.get('mean_layer_error'))} | {_e(r.get('mean_rtn_layer_error'))} |")
     lines += ["", f"Protocol: {payload.get('protocol', '')}.",
               "Wall time and peak RSS from each run's report.json (its own process); timings on the 2-core machine are noisy.",
               *(f"- {n}: {r['note']}" for n, r in payload["runs"].items() if r.get("note")),
@@ -119,7 +108,7 @@ def table(payload: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--recipes", default="gptq,gptaq,foem,rescomp,gptaq+foem,awq,awq>gptq")
+    ap.add_argument("--recipes", default="gptq;gptaq;foem;rescomp;gptaq+foem;awq,rtn;awq,gptq", help="recipes separated by ';' or spaces")
     ap.add_argument("--grids", default="w4g64,w4g128,w3g64,w2g64a")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -140,7 +129,7 @@ def main() -> None:
     work = CACHE / a.tag
     work.mkdir(parents=True, exist_ok=True)
     pending = {}
-    for recipe in filter(None, a.recipes.split(",")):
+    for recipe in filter(None, re.split(r"[;\s]+", a.recipes)):
         cfg = recipe_config(recipe)
         for grid in filter(None, a.grids.split(",")):
             name = f"{recipe}@{grid}"
@@ -159,8 +148,9 @@ def main() -> None:
             rep = json.loads((out / "report.json").read_text())
             s = rep["summary"]
             pending[name] = {"recipe": recipe, "grid": grid, "config": rep["config"], "dir": str(out), "quantize_s": rep["wall_time_s"],
-                             "peak_rss_mb": rep["peak_rss_mb"], "mean_layer_error": s["mean_error"], "mean_rtn_layer_error": s["mean_rtn_error"],
+                             "peak_rss_mb": rep["peak_rss_mb"], "mean_layer_error": s.get("mean_error"), "mean_rtn_layer_error": s.get("mean_rtn_error"),
                              "bits_per_weight": rep.get("bits_per_weight", s.get("bits_per_weight", nominal_bpw(g))),
+                             **({"plan": {k: v for k, v in rep["plan"].items() if k != "groups"}} if "plan" in rep else {}),
                              "date": time.strftime("%Y-%m-%d")}
             floats = [r["float_error"] for r in rep["layers"] if "float_error" in r]
             if floats:

