@@ -1,0 +1,361 @@
+// Lookup-table low-bit matmul (T-MAC style) for weightsmith's uniform grids, W1-W4.
+//
+// y[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, g(k)]) * scale[n, g(k)]   (+ bias[n])
+//
+// The weight codes q are split into bit planes: q = sum_i 2^i * p_i with p_i in {0, 1}. For every
+// quad of 4 (permuted) activations a0..a3 and every 4-bit pattern idx, a 16-entry table holds
+//     T[idx] = sum_b (bit_b(idx) - 1/2) * a_b
+// (centred, so |T| <= sum|a|/2: one bit of range gained over the plain subset sums). Then
+//     sum_{k in quad} q_k a_k = sum_i 2^i T[p_i pattern] + (2^bits - 1)/2 * sum(a)
+// and the second term folds into the zero point: zc = zero - (2^bits - 1)/2.
+// Tables are quantized to int8 per token and per block of S activations (S divides the group
+// size, S <= 64): lut_scale = max_quad(sum|a|/2) / 127.
+//
+// Packed weight layout (built in weightsmith/kernels/lut.py), rows in tiles of 64:
+//     [tile][block][plane][quad in block][32 bytes]
+// byte r (0..31) of a 32-byte chunk: low nibble = the 4 plane bits of row tile*64 + r for the
+// quad's 4 columns (bit b = column 4*quad + b), high nibble = the same for row tile*64 + 32 + r.
+// Scales: [tile][group][64] float; zc_scale = scale * zc, same layout.
+//
+// Inner loop per 32-byte chunk: two vpshufb (low / high nibbles) look up 64 rows at once; int8
+// results are sign-extended to int16 and summed per plane (<= 16 quads: |sum| <= 2032), the planes
+// combined with shifts in int16 (|acc| <= 15 * 16 * 127 = 30480 < 32767), converted to float once
+// per block and scaled by scale * lut_scale. The zero term uses the float sum of the activations
+// of each group (exact, not from the tables).
+#include <immintrin.h>
+
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int TILE = 64;
+constexpr int MAX_BLOCK = 64;  // activations per table-scale block (16 quads): int16-safe at 4 bits
+
+// ---------------------------------------------------------------- thread pool
+// A persistent pool: OpenMP would bring a second OpenMP runtime next to torch's bundled one,
+// whose idle threads spin against ours; this pool spins briefly, then sleeps.
+class Pool {
+public:
+    ~Pool() {
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            stop_ = true;
+            ++gen_;
+        }
+        cv_.notify_all();
+        for (auto& t : workers_) t.join();
+    }
+    // Runs fn(0..n-1), fn(0) on the calling thread.
+    void run(int n, const std::function<void(int)>& fn) {
+        if (n <= 1) {
+            fn(0);
+            return;
+        }
+        std::lock_guard<std::mutex> call_lock(call_mu_);  // one parallel call at a time
+        while ((int)workers_.size() < n - 1) {
+            int id = (int)workers_.size() + 1;
+            workers_.emplace_back([this, id] { loop(id); });
+        }
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            fn_ = &fn;
+            active_ = n;
+            remaining_.store(n - 1);
+            gen_atomic_.store(gen_ + 1, std::memory_order_release);
+            ++gen_;
+        }
+        cv_.notify_all();
+        fn(0);
+        while (remaining_.load(std::memory_order_acquire) != 0) _mm_pause();
+    }
+
+private:
+    void loop(int id) {
+        long seen = 0;
+        for (;;) {
+            // spin a little (the next layer's call usually comes within microseconds), then sleep
+            bool woke = false;
+            for (int s = 0; s < 2000; ++s) {
+                if (gen_atomic_.load(std::memory_order_acquire) != seen) {
+                    woke = true;
+                    break;
+                }
+                _mm_pause();
+            }
+            const std::function<void(int)>* fn;
+            int active;
+            {
+                std::unique_lock<std::mutex> lk(mu_);
+                if (!woke) cv_.wait(lk, [&] { return gen_ != seen; });
+                if (stop_) return;
+                seen = gen_;
+                fn = fn_;
+                active = active_;
+            }
+            if (id < active) {
+                (*fn)(id);
+                remaining_.fetch_sub(1, std::memory_order_acq_rel);
+            }
+        }
+    }
+    std::vector<std::thread> workers_;
+    std::mutex mu_, call_mu_;
+    std::condition_variable cv_;
+    const std::function<void(int)>* fn_ = nullptr;
+    int active_ = 0;
+    long gen_ = 0;
+    std::atomic<long> gen_atomic_{0};
+    std::atomic<int> remaining_{0};
+    bool stop_ = false;
+};
+
+Pool& pool() {
+    static Pool p;
+    return p;
+}
+
+// ---------------------------------------------------------------- tables
+// For one token: gathered activations -> int8 tables [Kp/4][32] (16 entries, duplicated for both
+// 128-bit lanes), lut scales [Kp/S], group sums [n_groups]. Plain float code, compiled without
+// FMA contraction, so that the Python emulation (lut.py) reproduces it bit for bit.
+void build_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, int64_t S,
+                  float* xs, int8_t* tab, float* lscale, float* asum) {
+    for (int64_t k = 0; k < Kp; ++k) xs[k] = perm[k] >= 0 ? x[perm[k]] : 0.0f;
+    const int64_t ng = Kp / G, nb = Kp / S, F = S / 4;
+    for (int64_t g = 0; g < ng; ++g) {
+        float s = 0.0f;
+        for (int64_t k = g * G; k < (g + 1) * G; ++k) s += xs[k];
+        asum[g] = s;
+    }
+    float t[16];
+    for (int64_t b = 0; b < nb; ++b) {
+        float mx = 0.0f;
+        for (int64_t f = 0; f < F; ++f) {
+            const float* a = xs + (b * F + f) * 4;
+            float m = (std::fabs(a[0]) + std::fabs(a[1]) + std::fabs(a[2]) + std::fabs(a[3])) * 0.5f;
+            mx = m > mx ? m : mx;
+        }
+        float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+        lscale[b] = mx > 0.0f ? mx / 127.0f : 0.0f;
+        for (int64_t f = 0; f < F; ++f) {
+            const float* a = xs + (b * F + f) * 4;
+            float half = (((a[0] + a[1]) + a[2]) + a[3]) * 0.5f;
+            t[0] = 0.0f;
+            t[1] = a[0];
+            for (int i = 0; i < 2; ++i) t[2 + i] = t[i] + a[1];
+            for (int i = 0; i < 4; ++i) t[4 + i] = t[i] + a[2];
+            for (int i = 0; i < 8; ++i) t[8 + i] = t[i] + a[3];
+            int8_t* o = tab + (b * F + f) * 32;
+            for (int i = 0; i < 16; ++i) {
+                float v = std::nearbyint((t[i] - half) * inv);
+                v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+                o[i] = o[16 + i] = (int8_t)v;
+            }
+        }
+    }
+}
+
+struct Args {
+    const uint8_t* w;
+    const float* scale;
+    const float* zcs;
+    int64_t N, Kp, G, S;
+    int bits;
+};
+
+// Row offsets of the eight 8-float vectors of a 64-row tile, in the order the int16 accumulators
+// come out of the byte unpacking (see the header).
+constexpr int OFF[8] = {0, 16, 8, 24, 32, 48, 40, 56};
+
+// ---------------------------------------------------------------- AVX2
+__attribute__((target("avx2,fma"))) inline void widen_add(__m256i r, __m256i& lo, __m256i& hi) {
+    lo = _mm256_add_epi16(lo, _mm256_srai_epi16(_mm256_unpacklo_epi8(r, r), 8));
+    hi = _mm256_add_epi16(hi, _mm256_srai_epi16(_mm256_unpackhi_epi8(r, r), 8));
+}
+
+__attribute__((target("avx2,fma"))) inline void flush(const __m256i acc[4], const float* sc, float ls, __m256* o) {
+    const __m256 l = _mm256_set1_ps(ls);
+    for (int a = 0; a < 4; ++a) {
+        __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[a])));
+        __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[a], 1)));
+        o[2 * a] = _mm256_fmadd_ps(f0, _mm256_mul_ps(_mm256_loadu_ps(sc + OFF[2 * a]), l), o[2 * a]);
+        o[2 * a + 1] = _mm256_fmadd_ps(f1, _mm256_mul_ps(_mm256_loadu_ps(sc + OFF[2 * a + 1]), l), o[2 * a + 1]);
+    }
+}
+
+__attribute__((target("avx2,fma"))) inline void quad_avx2(const int8_t* tab, const uint8_t* w, __m256i mask, __m256i p[4]) {
+    const __m256i t = _mm256_loadu_si256((const __m256i*)tab);
+    const __m256i v = _mm256_loadu_si256((const __m256i*)w);
+    const __m256i lo = _mm256_and_si256(v, mask);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    widen_add(_mm256_shuffle_epi8(t, lo), p[0], p[1]);
+    widen_add(_mm256_shuffle_epi8(t, hi), p[2], p[3]);
+}
+
+// One tile of 64 rows, one token: the 64 outputs in natural row order into out64.
+__attribute__((target("avx2,fma"))) void tile_avx2(const Args& A, int64_t tile, const int8_t* tab, const float* ls,
+                                                   const float* asum, float* out64) {
+    const int64_t ng = A.Kp / A.G, bpg = A.G / A.S, F = A.S / 4, nb = A.Kp / A.S;
+    const int bits = A.bits;
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256 o[8];
+    for (int k = 0; k < 8; ++k) o[k] = _mm256_setzero_ps();
+    const uint8_t* w = A.w + tile * nb * bits * F * 32;
+    for (int64_t g = 0; g < ng; ++g) {
+        const float* sc = A.scale + (tile * ng + g) * TILE;
+        for (int64_t bb = 0; bb < bpg; ++bb) {
+            const int64_t b = g * bpg + bb;
+            const int8_t* tb = tab + b * F * 32;
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (int i = 0; i < bits; ++i) {
+                __m256i p[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+                for (int64_t f = 0; f < F; ++f) quad_avx2(tb + f * 32, w + f * 32, mask, p);
+                w += F * 32;
+                for (int a = 0; a < 4; ++a) acc[a] = _mm256_add_epi16(acc[a], _mm256_slli_epi16(p[a], i));
+            }
+            flush(acc, sc, ls[b], o);
+        }
+        const float* zc = A.zcs + (tile * ng + g) * TILE;
+        const __m256 s = _mm256_set1_ps(asum[g]);
+        for (int k = 0; k < 8; ++k) o[k] = _mm256_fnmadd_ps(_mm256_loadu_ps(zc + OFF[k]), s, o[k]);
+    }
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64 + OFF[k], o[k]);
+}
+
+// ---------------------------------------------------------------- AVX-512 (BW)
+// Two quads per instruction: a 64-byte load holds quad f's 32 index bytes and quad f+1's; the
+// table register holds [T_f, T_f, T_f+1, T_f+1] (the duplicated 32-byte tables are contiguous),
+// so the in-lane vpshufb looks up 2 x 64 rows; the two 256-bit halves are added at the plane's end.
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) inline void widen_add512(__m512i r, __m512i& lo, __m512i& hi) {
+    lo = _mm512_add_epi16(lo, _mm512_srai_epi16(_mm512_unpacklo_epi8(r, r), 8));
+    hi = _mm512_add_epi16(hi, _mm512_srai_epi16(_mm512_unpackhi_epi8(r, r), 8));
+}
+
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) void tile_avx512(const Args& A, int64_t tile, const int8_t* tab,
+                                                                      const float* ls, const float* asum, float* out64) {
+    const int64_t ng = A.Kp / A.G, bpg = A.G / A.S, F = A.S / 4, nb = A.Kp / A.S;
+    const int bits = A.bits;
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    const __m256i mask256 = _mm256_set1_epi8(0x0F);
+    __m256 o[8];
+    for (int k = 0; k < 8; ++k) o[k] = _mm256_setzero_ps();
+    const uint8_t* w = A.w + tile * nb * bits * F * 32;
+    const int64_t F2 = F & ~int64_t(1);
+    for (int64_t g = 0; g < ng; ++g) {
+        const float* sc = A.scale + (tile * ng + g) * TILE;
+        for (int64_t bb = 0; bb < bpg; ++bb) {
+            const int64_t b = g * bpg + bb;
+            const int8_t* tb = tab + b * F * 32;
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (int i = 0; i < bits; ++i) {
+                __m512i p[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+                for (int64_t f = 0; f < F2; f += 2) {
+                    const __m512i t = _mm512_loadu_si512(tb + f * 32);
+                    const __m512i v = _mm512_loadu_si512(w + f * 32);
+                    const __m512i lo = _mm512_and_si512(v, mask);
+                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                    widen_add512(_mm512_shuffle_epi8(t, lo), p[0], p[1]);
+                    widen_add512(_mm512_shuffle_epi8(t, hi), p[2], p[3]);
+                }
+                __m256i q[4];
+                for (int a = 0; a < 4; ++a)
+                    q[a] = _mm256_add_epi16(_mm512_castsi512_si256(p[a]), _mm512_extracti64x4_epi64(p[a], 1));
+                if (F2 < F) quad_avx2(tb + F2 * 32, w + F2 * 32, mask256, q);
+                w += F * 32;
+                for (int a = 0; a < 4; ++a) acc[a] = _mm256_add_epi16(acc[a], _mm256_slli_epi16(q[a], i));
+            }
+            flush(acc, sc, ls[b], o);
+        }
+        const float* zc = A.zcs + (tile * ng + g) * TILE;
+        const __m256 s = _mm256_set1_ps(asum[g]);
+        for (int k = 0; k < 8; ++k) o[k] = _mm256_fnmadd_ps(_mm256_loadu_ps(zc + OFF[k]), s, o[k]);
+    }
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64 + OFF[k], o[k]);
+}
+
+int best_isa() {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+}
+
+struct Scratch {
+    std::vector<float> xs, ls, asum;
+    std::vector<int8_t> tab;
+};
+
+}  // namespace
+
+extern "C" {
+
+int ws_lut_abi_version() { return 1; }
+
+// 0: no supported instruction set (the caller must use the dequantize path), 1: AVX2, 2: AVX-512BW.
+int ws_lut_isa() { return best_isa(); }
+
+// The tables of one token, for the Python emulation tests: tab [Kp/4][32] int8, ls [Kp/S], asum [Kp/G].
+void ws_lut_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, int64_t S, int8_t* tab, float* ls,
+                   float* asum) {
+    std::vector<float> xs(Kp);
+    build_tables(x, perm, Kp, G, S, xs.data(), tab, ls, asum);
+}
+
+// y[M, N] = x[M, K] (gathered through perm [Kp]) times the packed weight, + bias (may be null).
+// Returns 0 on success, negative on bad arguments / unsupported isa.
+int ws_lut_gemm(const uint8_t* w, const float* scale, const float* zcs, const int32_t* perm, const float* bias,
+                const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t Kp, int64_t G, int64_t S, int bits,
+                int threads, int isa) {
+    if (bits < 1 || bits > 4 || G <= 0 || S <= 0 || S % 4 || G % S || Kp % G || S > MAX_BLOCK || M < 0 || N < 0)
+        return -1;
+    const int have = best_isa();
+    if (isa < 0) isa = have;
+    if (isa == 0 || isa > have) return -2;
+    if (M == 0 || N == 0) return 0;
+    const int64_t nq = Kp / 4, nb = Kp / S, ng = Kp / G;
+    thread_local Scratch s;
+    s.xs.resize(Kp);
+    s.tab.resize((size_t)M * nq * 32);
+    s.ls.resize((size_t)M * nb);
+    s.asum.resize((size_t)M * ng);
+    for (int64_t m = 0; m < M; ++m)
+        build_tables(x + m * K, perm, Kp, G, S, s.xs.data(), s.tab.data() + m * nq * 32, s.ls.data() + m * nb,
+                     s.asum.data() + m * ng);
+    const Args A{w, scale, zcs, N, Kp, G, S, bits};
+    const int64_t ntiles = (N + TILE - 1) / TILE;
+    int nt = threads < 1 ? 1 : threads;
+    if (nt > ntiles) nt = (int)ntiles;
+    const int8_t* tab = s.tab.data();
+    const float* ls = s.ls.data();
+    const float* asum = s.asum.data();
+    auto work = [&](int id) {
+        const int64_t t0 = ntiles * id / nt, t1 = ntiles * (id + 1) / nt;
+        alignas(64) float out64[TILE];
+        for (int64_t t = t0; t < t1; ++t) {
+            const int64_t rows = N - t * TILE < TILE ? N - t * TILE : TILE;
+            for (int64_t m = 0; m < M; ++m) {
+                if (isa == 2)
+                    tile_avx512(A, t, tab + m * nq * 32, ls + m * nb, asum + m * ng, out64);
+                else
+                    tile_avx2(A, t, tab + m * nq * 32, ls + m * nb, asum + m * ng, out64);
+                float* yo = y + m * N + t * TILE;
+                if (bias)
+                    for (int64_t r = 0; r < rows; ++r) yo[r] = out64[r] + bias[t * TILE + r];
+                else
+                    std::memcpy(yo, out64, rows * sizeof(float));
+            }
+        }
+    };
+    pool().run(nt, work);
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,347 @@
+"""Lookup-table (T-MAC style) low-bit matmul: weight packing, the compiled library, and a pure-torch
+emulation of exactly what the kernel computes (for the tests).
+
+The algorithm and the packed layout are described at the top of ``csrc/lut_gemv.cpp``. In short:
+the codes of a layer are split into bit planes; for every quad of 4 activations a 16-entry table
+of centred partial sums is built once per token and quantized to int8 (one scale per token and
+per block of ``S`` activations); the matmul is then ``vpshufb`` lookups of 64 rows at a time,
+summed in int16 per block, scaled in float by ``scale * lut_scale``; the zero point is applied
+through the float sum of each group's activations.
+
+Act-order (any ``g_idx``) is handled at pack time: columns are sorted by group, each group padded
+to a common size ``G`` (a multiple of 4); at run time the activations are gathered once per token
+through ``perm`` (padding reads as 0).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("weightsmith")
+
+TILE = 64
+MAX_BLOCK = 64
+SRC = Path(__file__).parent / "csrc" / "lut_gemv.cpp"
+ABI_VERSION = 1
+CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off"]
+ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
+
+
+# ----------------------------------------------------------------------------------- packing
+@dataclass
+class PackedLayer:
+    """A quantized linear layer in the kernel's layout (see ``csrc/lut_gemv.cpp``)."""
+
+    w: torch.Tensor  # uint8 [tiles][blocks][bits][S/4][32]
+    scale: torch.Tensor  # float32 [tiles][groups][64]
+    zcs: torch.Tensor  # float32 [tiles][groups][64]: scale * (zero - (2**bits - 1) / 2)
+    perm: torch.Tensor  # int32 [Kp]: source column of each packed column, -1 = padding
+    out_features: int
+    in_features: int
+    group: int  # G: packed columns per group (multiple of 4)
+    block: int  # S: activations per table scale (divides G, <= 64)
+    bits: int
+
+    @property
+    def kp(self) -> int:
+        return int(self.perm.numel())
+
+    @property
+    def n_groups(self) -> int:
+        return self.kp // self.group
+
+    @property
+    def tiles(self) -> int:
+        return (self.out_features + TILE - 1) // TILE
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.zcs, self.perm))
+
+
+def _block_size(G: int) -> int:
+    return max(s for s in range(4, MAX_BLOCK + 1, 4) if G % s == 0)
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, bits: int) -> PackedLayer:
+    """Repack integer codes ``q`` (out, in) with per-group ``scale``/``zero`` (out, n_groups) and
+    ``g_idx`` (in,) into bit planes for the kernel: ``w = (q - zero[:, g_idx]) * scale[:, g_idx]``."""
+    if not 1 <= bits <= 4:
+        raise ValueError(f"the lookup-table kernel handles 1 to 4 bits, not {bits}")
+    N, K = q.shape
+    ng = scale.shape[1]
+    if zero.shape != scale.shape or g_idx.shape != (K,) or scale.shape[0] != N:
+        raise ValueError(f"inconsistent qparams: q {tuple(q.shape)}, scale {tuple(scale.shape)}, zero {tuple(zero.shape)}, g_idx {tuple(g_idx.shape)}")
+    gi = g_idx.long()
+    counts = torch.bincount(gi, minlength=ng)
+    G = max(4, (int(counts.max()) + 3) // 4 * 4) if K else 4
+    Kp = ng * G
+    order = torch.argsort(gi, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    dest = gi[order] * G + (torch.arange(K) - starts[gi[order]])
+    perm = torch.full((Kp,), -1, dtype=torch.int32)
+    perm[dest] = order.to(torch.int32)
+    S = _block_size(G)
+    F, nb, nq = S // 4, Kp // S, Kp // 4
+    T = (N + TILE - 1) // TILE
+    Np = T * TILE
+    qp = torch.zeros(Np, Kp, dtype=torch.uint8)
+    qp[:N, dest] = q[:, order].to(torch.uint8)
+    planes = []
+    for i in range(bits):
+        bit = ((qp >> i) & 1).view(Np, nq, 4)
+        nib = bit[..., 0] | (bit[..., 1] << 1) | (bit[..., 2] << 2) | (bit[..., 3] << 3)  # (Np, nq)
+        nib = nib.view(T, 2, 32, nb, F)
+        planes.append(nib[:, 0] | (nib[:, 1] << 4))  # (T, 32, nb, F)
+    w = torch.stack(planes, 0).permute(1, 3, 0, 4, 2).contiguous()  # (T, nb, bits, F, 32)
+    sc = torch.zeros(Np, ng, dtype=torch.float32)
+    sc[:N] = scale.float()
+    zc = torch.zeros(Np, ng, dtype=torch.float32)
+    zc[:N] = scale.float() * (zero.float() - (2**bits - 1) / 2)
+    lay = lambda t: t.view(T, TILE, ng).permute(0, 2, 1).contiguous()  # noqa: E731
+    return PackedLayer(w.view(-1), lay(sc), lay(zc), perm, N, K, G, S, bits)
+
+
+def unpack(p: PackedLayer) -> torch.Tensor:
+    """The dequantized float32 weight (out, in), read back from the packed form (the reference path)."""
+    T, nb, F, ng, G = p.tiles, p.kp // p.block, p.block // 4, p.n_groups, p.group
+    Np, nq = T * TILE, p.kp // 4
+    w5 = p.w.view(T, nb, p.bits, F, 32).permute(2, 0, 4, 1, 3)  # (bits, T, 32, nb, F)
+    nib = torch.stack([w5 & 15, w5 >> 4], 2).reshape(p.bits, Np, nq)  # (bits, T, 2, 32, nb, F) → rows
+    code = torch.zeros(Np, p.kp, dtype=torch.float32)
+    for i in range(p.bits):
+        bit = torch.stack([(nib[i] >> b) & 1 for b in range(4)], -1).reshape(Np, p.kp)
+        code += bit.float() * 2**i
+    sc = p.scale.permute(0, 2, 1).reshape(Np, ng).repeat_interleave(G, 1)
+    zc = p.zcs.permute(0, 2, 1).reshape(Np, ng).repeat_interleave(G, 1)
+    wp = code * sc - (zc + (2**p.bits - 1) / 2 * sc)
+    out = torch.zeros(p.out_features, p.in_features, dtype=torch.float32)
+    valid = p.perm >= 0
+    out[:, p.perm[valid].long()] = wp[: p.out_features, valid]
+    return out
+
+
+# ----------------------------------------------------------------------------------- emulation
+def tables(p: PackedLayer, x: torch.Tensor):
+    """The int8 tables the kernel builds for activations ``x`` (M, in): ``(tq (M, Kp/4, 16) int8,
+    lut_scale (M, Kp/S), asum (M, n_groups) float64)``, with the kernel's float32 operations in the same order."""
+    x = x.float()
+    M = x.shape[0]
+    xs = torch.zeros(M, p.kp, dtype=torch.float32)
+    valid = p.perm >= 0
+    xs[:, valid] = x[:, p.perm[valid].long()]
+    a = xs.view(M, -1, 4)
+    a0, a1, a2, a3 = a.unbind(-1)
+    t = torch.zeros(M, a.shape[1], 16, dtype=torch.float32)
+    t[..., 1] = a0
+    t[..., 2:4] = t[..., 0:2] + a1[..., None]
+    t[..., 4:8] = t[..., 0:4] + a2[..., None]
+    t[..., 8:16] = t[..., 0:8] + a3[..., None]
+    half = (((a0 + a1) + a2) + a3) * 0.5
+    mx = (((a0.abs() + a1.abs()) + a2.abs()) + a3.abs()) * 0.5
+    bm = mx.view(M, -1, p.block // 4).amax(-1)
+    pos = bm > 0
+    safe = torch.where(pos, bm, torch.ones_like(bm))
+    inv = torch.where(pos, torch.full_like(bm, 127.0) / safe, torch.zeros_like(bm))
+    ls = torch.where(pos, safe / 127.0, torch.zeros_like(bm))
+    invq = inv.repeat_interleave(p.block // 4, 1)
+    tq = torch.round((t - half[..., None]) * invq[..., None]).clamp(-127, 127).to(torch.int8)
+    asum = xs.double().view(M, p.n_groups, p.group).sum(-1)
+    return tq, ls, asum
+
+
+def emulate(p: PackedLayer, x: torch.Tensor) -> torch.Tensor:
+    """What the kernel computes for ``x`` (M, in), in float64 after exact integer lookups: differs
+    from the kernel only by float rounding of the final sums."""
+    tq, ls, asum = tables(p, x)
+    M = x.shape[0]
+    T, nb, F, ng = p.tiles, p.kp // p.block, p.block // 4, p.n_groups
+    Np, nq = T * TILE, p.kp // 4
+    w5 = p.w.view(T, nb, p.bits, F, 32).permute(2, 0, 4, 1, 3)
+    nib = torch.stack([w5 & 15, w5 >> 4], 2).reshape(p.bits, Np, nq).long()
+    isum = torch.zeros(M, Np, nb, dtype=torch.int64)
+    tqe = tq.long().unsqueeze(1).expand(M, Np, nq, 16)
+    for i in range(p.bits):
+        look = tqe.gather(-1, nib[i].unsqueeze(0).expand(M, Np, nq).unsqueeze(-1)).squeeze(-1)  # (M, Np, nq)
+        isum += look.view(M, Np, nb, F).sum(-1) << i
+    sc = p.scale.permute(0, 2, 1).reshape(Np, ng).double()
+    zc = p.zcs.permute(0, 2, 1).reshape(Np, ng).double()
+    bpg = p.group // p.block
+    scb = sc.repeat_interleave(bpg, 1)  # (Np, nb)
+    y = (isum.double() * scb.unsqueeze(0) * ls.double().unsqueeze(1)).sum(-1) - asum @ zc.T
+    return y[:, : p.out_features]
+
+
+def error_bound(p: PackedLayer, x: torch.Tensor) -> torch.Tensor:
+    """Per output (M, out): the largest possible difference between the kernel and the exact float
+    matmul from rounding the tables to int8 (each entry is off by at most half a table step)."""
+    _, ls, _ = tables(p, x)
+    T, ng, nb = p.tiles, p.n_groups, p.kp // p.block
+    sc = p.scale.permute(0, 2, 1).reshape(T * TILE, ng).double().abs().repeat_interleave(p.group // p.block, 1)
+    per = 0.5 * (2**p.bits - 1) * (p.block // 4)
+    return (ls.double() @ sc.T)[:, : p.out_features] * per
+
+
+# ----------------------------------------------------------------------------------- library
+_LIB = None
+_LIB_REASON = ""
+_TRIED = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("WEIGHTSMITH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "weightsmith")
+    return Path(root) / "kernels"
+
+
+def _built_extension() -> Path | None:
+    """The library built by ``pip install`` (setup.py's optional extension), if any."""
+    here = Path(__file__).parent
+    for f in sorted(here.glob("_lut_gemv*.so")):
+        return f
+    return None
+
+
+def _compile(dest: Path) -> str | None:
+    """Compile the kernel into ``dest``; returns an error message, or None on success."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        return "no C++ compiler found (set CXX or install g++)"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=dest.parent)
+    os.close(fd)
+    cmd = [cxx, *CXXFLAGS, "-o", tmp, str(SRC)]
+    print(f"weightsmith: compiling the lookup-table kernel once into {dest} …", file=sys.stderr)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        os.unlink(tmp)
+        return f"{cxx} failed: {e}"
+    if r.returncode != 0:
+        os.unlink(tmp)
+        return f"{' '.join(cmd)} failed:\n{r.stderr.strip()[-2000:]}"
+    os.replace(tmp, dest)
+    return None
+
+
+def _open(path: Path):
+    lib = ctypes.CDLL(str(path))
+    if lib.ws_lut_abi_version() != ABI_VERSION:
+        raise OSError(f"{path} has ABI {lib.ws_lut_abi_version()}, expected {ABI_VERSION}")
+    vp, i64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.ws_lut_gemm.argtypes = [vp] * 7 + [i64] * 6 + [ci] * 3
+    lib.ws_lut_gemm.restype = ci
+    lib.ws_lut_tables.argtypes = [vp, vp, i64, i64, i64, vp, vp, vp]
+    lib.ws_lut_tables.restype = None
+    lib.ws_lut_isa.restype = ci
+    return lib
+
+
+def load_library(build: bool = True):
+    """The compiled kernel (a ctypes library), or None with the reason in :func:`unavailable_reason`.
+    ``WEIGHTSMITH_KERNEL=off`` disables it; without a library built by ``pip install``, it is compiled
+    once into ``~/.cache/weightsmith/kernels`` (``WEIGHTSMITH_KERNEL_BUILD=0`` forbids that)."""
+    global _LIB, _LIB_REASON, _TRIED
+    if _TRIED:
+        return _LIB
+    _TRIED = True
+    if os.environ.get("WEIGHTSMITH_KERNEL", "").lower() in ("off", "0", "no", "false"):
+        _LIB_REASON = "disabled by WEIGHTSMITH_KERNEL=off"
+        return None
+    if sys.platform != "linux" or not _is_x86():
+        _LIB_REASON = f"the kernel is for x86-64 Linux (this is {sys.platform} {os.uname().machine if hasattr(os, 'uname') else ''})"
+        return None
+    candidates = []
+    ext = _built_extension()
+    if ext is not None:
+        candidates.append(ext)
+    digest = hashlib.sha256(SRC.read_bytes() + " ".join(CXXFLAGS).encode()).hexdigest()[:16] if SRC.is_file() else None
+    cached = _cache_dir() / f"lut_gemv-{digest}.so" if digest else None
+    if cached is not None:
+        candidates.append(cached)
+    errors = []
+    for c in candidates:
+        if c == cached and not c.is_file():
+            if not build or os.environ.get("WEIGHTSMITH_KERNEL_BUILD", "1").lower() in ("0", "no", "false", "off"):
+                errors.append("not compiled (WEIGHTSMITH_KERNEL_BUILD=0)")
+                continue
+            err = _compile(c)
+            if err:
+                errors.append(err)
+                continue
+        try:
+            lib = _open(c)
+        except OSError as e:
+            errors.append(f"{c}: {e}")
+            continue
+        if lib.ws_lut_isa() == 0:
+            _LIB_REASON = "this CPU has neither AVX2 nor AVX-512BW"
+            return None
+        _LIB = lib
+        return lib
+    _LIB_REASON = "; ".join(errors) if errors else f"no kernel library and no source at {SRC}"
+    return None
+
+
+def _is_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def reset_library() -> None:
+    """Forget the loaded library (tests: re-read ``WEIGHTSMITH_KERNEL``)."""
+    global _LIB, _LIB_REASON, _TRIED
+    _LIB, _LIB_REASON, _TRIED = None, "", False
+
+
+def available() -> bool:
+    return load_library() is not None
+
+
+def unavailable_reason() -> str:
+    load_library()
+    return _LIB_REASON
+
+
+def isa() -> str:
+    lib = load_library()
+    return ISA_NAMES[lib.ws_lut_isa()] if lib is not None else "none"
+
+
+def lut_tables_native(p: PackedLayer, x: torch.Tensor):
+    """The kernel's own tables for one token (tests): ``(tq (Kp/4, 16) int8, lut_scale, asum)``."""
+    lib = load_library()
+    x = x.float().contiguous()
+    tab = torch.empty(p.kp // 4, 32, dtype=torch.int8)
+    ls = torch.empty(p.kp // p.block, dtype=torch.float32)
+    asum = torch.empty(p.n_groups, dtype=torch.float32)
+    lib.ws_lut_tables(x.data_ptr(), p.perm.data_ptr(), p.kp, p.group, p.block, tab.data_ptr(), ls.data_ptr(), asum.data_ptr())
+    return tab[:, :16], ls, asum
+
+
+def lut_gemm(p: PackedLayer, x: torch.Tensor, bias: torch.Tensor | None = None, threads: int = 1, isa: int = -1) -> torch.Tensor:
+    """``x`` (M, in) float32 → (M, out) float32 through the kernel. ``isa``: -1 best, 1 AVX2, 2 AVX-512BW."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"the lookup-table kernel is unavailable: {_LIB_REASON}")
+    if x.dim() != 2 or x.shape[1] != p.in_features:
+        raise ValueError(f"expected input (M, {p.in_features}), got {tuple(x.shape)}")
+    x = x.to(torch.float32).contiguous()
+    M = x.shape[0]
+    y = torch.empty(M, p.out_features, dtype=torch.float32)
+    b = bias.to(torch.float32).contiguous() if bias is not None else None
+    rc = lib.ws_lut_gemm(p.w.data_ptr(), p.scale.data_ptr(), p.zcs.data_ptr(), p.perm.data_ptr(),
+                         b.data_ptr() if b is not None else None, x.data_ptr(), y.data_ptr(),
+                         M, p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, int(threads), int(isa))
+    if rc != 0:
+        raise RuntimeError(f"ws_lut_gemm failed ({'bad arguments' if rc == -1 else 'instruction set not supported by this CPU'})")
+    return y
