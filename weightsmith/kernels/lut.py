@@ -206,6 +206,9 @@ def _built_extension() -> Path | None:
     """The library built by ``pip install`` (setup.py's optional extension), if any."""
     here = Path(__file__).parent
     for f in sorted(here.glob("_lut_gemv*.so")):
+        if SRC.is_file() and f.stat().st_mtime < SRC.stat().st_mtime:
+            log.info("ignoring %s: older than %s (rebuild with pip install)", f, SRC)
+            continue
         return f
     return None
 
