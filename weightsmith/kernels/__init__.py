@@ -4,7 +4,7 @@
 - :class:`LutLinear`: the ``nn.Linear`` replacement (kernel, or the dequantized fallback);
 - :mod:`.runtime`: put every quantized layer of a weightsmith output on the kernel, generate, benchmark.
 """
-from .linear import LutLinear, get_num_threads, set_num_threads
+from .linear import LutLinear, get_num_threads, get_table_passes, set_num_threads, set_table_passes
 from .lut import available, isa, unavailable_reason
 
-__all__ = ["LutLinear", "available", "get_num_threads", "isa", "set_num_threads", "unavailable_reason"]
+__all__ = ["LutLinear", "available", "get_num_threads", "get_table_passes", "isa", "set_num_threads", "set_table_passes", "unavailable_reason"]

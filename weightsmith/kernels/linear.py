@@ -15,7 +15,21 @@ from . import lut
 log = logging.getLogger("weightsmith")
 
 _THREADS: int | None = None
+_PASSES = 1
 _WARNED = False
+
+
+def set_table_passes(n: int) -> None:
+    """Table precision of the kernel: 1 = int8 tables (T-MAC's choice, fastest), 2 = an extra int8
+    pass on the rounding residual (~15-bit tables, about twice the lookups)."""
+    global _PASSES
+    if n not in (1, 2):
+        raise ValueError(f"table passes must be 1 or 2, not {n}")
+    _PASSES = n
+
+
+def get_table_passes() -> int:
+    return _PASSES
 
 
 def set_num_threads(n: int | None) -> None:
@@ -40,7 +54,26 @@ class LutLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
         self.use_kernel = use_kernel
         self.threads: int | None = None  # None: the module-wide setting (set_num_threads)
+        self.passes: int | None = None  # None: the module-wide setting (set_table_passes)
         self._dequant: torch.Tensor | None = None
+        self._call = None  # (function, leading pointer args, trailing size args) once prepared; False: no kernel
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .float() may move the buffers: re-read the pointers
+        self._call = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _prepare(self):
+        lib = lut.load_library() if self.use_kernel else None
+        if lib is None or self.w_packed.device.type != "cpu":
+            self._call = False
+            return
+        b = self.bias
+        if b is not None and b.dtype != torch.float32:
+            self.bias = b = b.float()
+        self._call = (lib.ws_lut_gemm,
+                      (self.w_packed.data_ptr(), self.w_scale.data_ptr(), self.w_zcs.data_ptr(), self.perm.data_ptr(),
+                       b.data_ptr() if b is not None else None),
+                      (self.perm.numel(), self.group, self.block, self.bits))
 
     @classmethod
     def from_quant_layer(cls, layer, bias: torch.Tensor | None = None, **kw) -> "LutLinear":
@@ -60,11 +93,19 @@ class LutLinear(nn.Module):
         return self.use_kernel and lut.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_active() and not (torch.is_grad_enabled() and x.requires_grad) and x.device.type == "cpu":
-            shape = x.shape
-            y = lut.lut_gemm(self.packed, x.reshape(-1, self.in_features), self.bias,
-                             threads=self.threads or get_num_threads())
-            return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        if self._call is None or (self._call is False and self.use_kernel and lut.available()):
+            self._prepare()
+        if self._call and self.use_kernel and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            fn, ptrs, sizes = self._call
+            x2 = x.reshape(-1, self.in_features)
+            if x2.dtype != torch.float32 or not x2.is_contiguous():
+                x2 = x2.to(torch.float32).contiguous()
+            y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
+            rc = fn(*ptrs, x2.data_ptr(), y.data_ptr(), x2.shape[0], self.out_features, self.in_features, *sizes,
+                    self.passes or _PASSES, self.threads or _THREADS or torch.get_num_threads(), -1)
+            if rc != 0:
+                raise RuntimeError(f"ws_lut_gemm failed with {rc}")
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         return self.forward_dequant(x)
 
     def forward_dequant(self, x: torch.Tensor) -> torch.Tensor:

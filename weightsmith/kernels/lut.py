@@ -32,7 +32,7 @@ log = logging.getLogger("weightsmith")
 TILE = 64
 MAX_BLOCK = 64
 SRC = Path(__file__).parent / "csrc" / "lut_gemv.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off"]
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
 
@@ -68,11 +68,13 @@ class PackedLayer:
         return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.zcs, self.perm))
 
 
-def _block_size(G: int) -> int:
-    return max(s for s in range(4, MAX_BLOCK + 1, 4) if G % s == 0)
+def _block_size(G: int, limit: int = MAX_BLOCK) -> int:
+    """Activations per table scale: the largest multiple of 4 dividing ``G`` and at most ``limit``."""
+    return max(s for s in range(4, min(limit, MAX_BLOCK) + 1, 4) if G % s == 0)
 
 
-def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, bits: int) -> PackedLayer:
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, bits: int,
+         max_block: int | None = None) -> PackedLayer:
     """Repack integer codes ``q`` (out, in) with per-group ``scale``/``zero`` (out, n_groups) and
     ``g_idx`` (in,) into bit planes for the kernel: ``w = (q - zero[:, g_idx]) * scale[:, g_idx]``."""
     if not 1 <= bits <= 4:
@@ -90,7 +92,7 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.
     dest = gi[order] * G + (torch.arange(K) - starts[gi[order]])
     perm = torch.full((Kp,), -1, dtype=torch.int32)
     perm[dest] = order.to(torch.int32)
-    S = _block_size(G)
+    S = _block_size(G, max_block or int(os.environ.get("WEIGHTSMITH_LUT_BLOCK", MAX_BLOCK)))
     F, nb, nq = S // 4, Kp // S, Kp // 4
     T = (N + TILE - 1) // TILE
     Np = T * TILE
@@ -131,9 +133,10 @@ def unpack(p: PackedLayer) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- emulation
-def tables(p: PackedLayer, x: torch.Tensor):
-    """The int8 tables the kernel builds for activations ``x`` (M, in): ``(tq (M, Kp/4, 16) int8,
-    lut_scale (M, Kp/S), asum (M, n_groups) float64)``, with the kernel's float32 operations in the same order."""
+def tables(p: PackedLayer, x: torch.Tensor, passes: int = 1):
+    """The int8 tables the kernel builds for activations ``x`` (M, in): ``(tq (passes, M, Kp/4, 16) int8,
+    lut_scale (passes, M, Kp/S), asum (M, n_groups) float64)``, with the kernel's float32 operations in
+    the same order. Pass 2 (if any) holds the rounding residual of pass 1 at 1/254 of its scale."""
     x = x.float()
     M = x.shape[0]
     xs = torch.zeros(M, p.kp, dtype=torch.float32)
@@ -154,37 +157,46 @@ def tables(p: PackedLayer, x: torch.Tensor):
     inv = torch.where(pos, torch.full_like(bm, 127.0) / safe, torch.zeros_like(bm))
     ls = torch.where(pos, safe / 127.0, torch.zeros_like(bm))
     invq = inv.repeat_interleave(p.block // 4, 1)
-    tq = torch.round((t - half[..., None]) * invq[..., None]).clamp(-127, 127).to(torch.int8)
+    c = t - half[..., None]
+    v = torch.round(c * invq[..., None]).clamp(-127, 127)
+    tqs, lss = [v.to(torch.int8)], [ls]
+    if passes == 2:
+        inv2, ls2 = inv * 254.0, ls / 254.0
+        r = c - v * ls.repeat_interleave(p.block // 4, 1)[..., None]
+        tqs.append(torch.round(r * inv2.repeat_interleave(p.block // 4, 1)[..., None]).clamp(-127, 127).to(torch.int8))
+        lss.append(ls2)
     asum = xs.double().view(M, p.n_groups, p.group).sum(-1)
-    return tq, ls, asum
+    return torch.stack(tqs), torch.stack(lss), asum
 
 
-def emulate(p: PackedLayer, x: torch.Tensor) -> torch.Tensor:
+def emulate(p: PackedLayer, x: torch.Tensor, passes: int = 1) -> torch.Tensor:
     """What the kernel computes for ``x`` (M, in), in float64 after exact integer lookups: differs
     from the kernel only by float rounding of the final sums."""
-    tq, ls, asum = tables(p, x)
+    tqs, lss, asum = tables(p, x, passes)
     M = x.shape[0]
     T, nb, F, ng = p.tiles, p.kp // p.block, p.block // 4, p.n_groups
     Np, nq = T * TILE, p.kp // 4
     w5 = p.w.view(T, nb, p.bits, F, 32).permute(2, 0, 4, 1, 3)
     nib = torch.stack([w5 & 15, w5 >> 4], 2).reshape(p.bits, Np, nq).long()
-    isum = torch.zeros(M, Np, nb, dtype=torch.int64)
-    tqe = tq.long().unsqueeze(1).expand(M, Np, nq, 16)
-    for i in range(p.bits):
-        look = tqe.gather(-1, nib[i].unsqueeze(0).expand(M, Np, nq).unsqueeze(-1)).squeeze(-1)  # (M, Np, nq)
-        isum += look.view(M, Np, nb, F).sum(-1) << i
     sc = p.scale.permute(0, 2, 1).reshape(Np, ng).double()
     zc = p.zcs.permute(0, 2, 1).reshape(Np, ng).double()
-    bpg = p.group // p.block
-    scb = sc.repeat_interleave(bpg, 1)  # (Np, nb)
-    y = (isum.double() * scb.unsqueeze(0) * ls.double().unsqueeze(1)).sum(-1) - asum @ zc.T
+    scb = sc.repeat_interleave(p.group // p.block, 1)  # (Np, nb)
+    y = -(asum @ zc.T)
+    for tq, ls in zip(tqs, lss):
+        isum = torch.zeros(M, Np, nb, dtype=torch.int64)
+        tqe = tq.long().unsqueeze(1).expand(M, Np, nq, 16)
+        for i in range(p.bits):
+            look = tqe.gather(-1, nib[i].unsqueeze(0).expand(M, Np, nq).unsqueeze(-1)).squeeze(-1)  # (M, Np, nq)
+            isum += look.view(M, Np, nb, F).sum(-1) << i
+        y = y + (isum.double() * scb.unsqueeze(0) * ls.double().unsqueeze(1)).sum(-1)
     return y[:, : p.out_features]
 
 
-def error_bound(p: PackedLayer, x: torch.Tensor) -> torch.Tensor:
+def error_bound(p: PackedLayer, x: torch.Tensor, passes: int = 1) -> torch.Tensor:
     """Per output (M, out): the largest possible difference between the kernel and the exact float
-    matmul from rounding the tables to int8 (each entry is off by at most half a table step)."""
-    _, ls, _ = tables(p, x)
+    matmul from rounding the tables (each entry is off by at most half a step of its last pass)."""
+    _, lss, _ = tables(p, x, passes)
+    ls = lss[-1]
     T, ng, nb = p.tiles, p.n_groups, p.kp // p.block
     sc = p.scale.permute(0, 2, 1).reshape(T * TILE, ng).double().abs().repeat_interleave(p.group // p.block, 1)
     per = 0.5 * (2**p.bits - 1) * (p.block // 4)
@@ -240,9 +252,9 @@ def _open(path: Path):
     if lib.ws_lut_abi_version() != ABI_VERSION:
         raise OSError(f"{path} has ABI {lib.ws_lut_abi_version()}, expected {ABI_VERSION}")
     vp, i64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.ws_lut_gemm.argtypes = [vp] * 7 + [i64] * 6 + [ci] * 3
+    lib.ws_lut_gemm.argtypes = [vp] * 7 + [i64] * 6 + [ci] * 4
     lib.ws_lut_gemm.restype = ci
-    lib.ws_lut_tables.argtypes = [vp, vp, i64, i64, i64, vp, vp, vp]
+    lib.ws_lut_tables.argtypes = [vp, vp, i64, i64, i64, ci, vp, vp, vp]
     lib.ws_lut_tables.restype = None
     lib.ws_lut_isa.restype = ci
     return lib
@@ -320,19 +332,22 @@ def isa() -> str:
     return ISA_NAMES[lib.ws_lut_isa()] if lib is not None else "none"
 
 
-def lut_tables_native(p: PackedLayer, x: torch.Tensor):
-    """The kernel's own tables for one token (tests): ``(tq (Kp/4, 16) int8, lut_scale, asum)``."""
+def lut_tables_native(p: PackedLayer, x: torch.Tensor, passes: int = 1):
+    """The kernel's own tables for one token (tests): ``(tq (passes, Kp/4, 16) int8, lut_scale (passes, Kp/S), asum)``."""
     lib = load_library()
     x = x.float().contiguous()
-    tab = torch.empty(p.kp // 4, 32, dtype=torch.int8)
-    ls = torch.empty(p.kp // p.block, dtype=torch.float32)
+    tab = torch.empty(passes, p.kp // 4, 32, dtype=torch.int8)
+    ls = torch.empty(passes, p.kp // p.block, dtype=torch.float32)
     asum = torch.empty(p.n_groups, dtype=torch.float32)
-    lib.ws_lut_tables(x.data_ptr(), p.perm.data_ptr(), p.kp, p.group, p.block, tab.data_ptr(), ls.data_ptr(), asum.data_ptr())
-    return tab[:, :16], ls, asum
+    lib.ws_lut_tables(x.data_ptr(), p.perm.data_ptr(), p.kp, p.group, p.block, passes, tab.data_ptr(), ls.data_ptr(), asum.data_ptr())
+    assert torch.equal(tab[..., :16], tab[..., 16:])
+    return tab[..., :16], ls, asum
 
 
-def lut_gemm(p: PackedLayer, x: torch.Tensor, bias: torch.Tensor | None = None, threads: int = 1, isa: int = -1) -> torch.Tensor:
-    """``x`` (M, in) float32 → (M, out) float32 through the kernel. ``isa``: -1 best, 1 AVX2, 2 AVX-512BW."""
+def lut_gemm(p: PackedLayer, x: torch.Tensor, bias: torch.Tensor | None = None, threads: int = 1, isa: int = -1,
+             passes: int = 1) -> torch.Tensor:
+    """``x`` (M, in) float32 → (M, out) float32 through the kernel. ``isa``: -1 best, 1 AVX2, 2 AVX-512BW;
+    ``passes``: 1 = int8 tables (T-MAC), 2 = int8 tables plus an int8 residual pass (~15-bit tables, 2× lookups)."""
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"the lookup-table kernel is unavailable: {_LIB_REASON}")
@@ -344,7 +359,7 @@ def lut_gemm(p: PackedLayer, x: torch.Tensor, bias: torch.Tensor | None = None, 
     b = bias.to(torch.float32).contiguous() if bias is not None else None
     rc = lib.ws_lut_gemm(p.w.data_ptr(), p.scale.data_ptr(), p.zcs.data_ptr(), p.perm.data_ptr(),
                          b.data_ptr() if b is not None else None, x.data_ptr(), y.data_ptr(),
-                         M, p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, int(threads), int(isa))
+                         M, p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, int(passes), int(threads), int(isa))
     if rc != 0:
         raise RuntimeError(f"ws_lut_gemm failed ({'bad arguments' if rc == -1 else 'instruction set not supported by this CPU'})")
     return y

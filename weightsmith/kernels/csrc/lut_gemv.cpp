@@ -9,7 +9,9 @@
 //     sum_{k in quad} q_k a_k = sum_i 2^i T[p_i pattern] + (2^bits - 1)/2 * sum(a)
 // and the second term folds into the zero point: zc = zero - (2^bits - 1)/2.
 // Tables are quantized to int8 per token and per block of S activations (S divides the group
-// size, S <= 64): lut_scale = max_quad(sum|a|/2) / 127.
+// size, S <= 64): lut_scale = max_quad(sum|a|/2) / 127. With passes = 2 the rounding residual of
+// each entry is quantized again to int8 with lut_scale / 254 and looked up in a second pass over the
+// same weights (about 15-bit tables, twice the lookups): T ~ ls * q1 + ls / 254 * q2.
 //
 // Packed weight layout (built in weightsmith/kernels/lut.py), rows in tiles of 64:
 //     [tile][block][plane][quad in block][32 bytes]
@@ -126,7 +128,8 @@ Pool& pool() {
 // For one token: gathered activations -> int8 tables [Kp/4][32] (16 entries, duplicated for both
 // 128-bit lanes), lut scales [Kp/S], group sums [n_groups]. Plain float code, compiled without
 // FMA contraction, so that the Python emulation (lut.py) reproduces it bit for bit.
-void build_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, int64_t S,
+// tab: [passes][Kp/4][32], lscale: [passes][Kp/S].
+void build_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, int64_t S, int passes,
                   float* xs, int8_t* tab, float* lscale, float* asum) {
     for (int64_t k = 0; k < Kp; ++k) xs[k] = perm[k] >= 0 ? x[perm[k]] : 0.0f;
     const int64_t ng = Kp / G, nb = Kp / S, F = S / 4;
@@ -143,8 +146,11 @@ void build_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, in
             float m = (std::fabs(a[0]) + std::fabs(a[1]) + std::fabs(a[2]) + std::fabs(a[3])) * 0.5f;
             mx = m > mx ? m : mx;
         }
-        float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
-        lscale[b] = mx > 0.0f ? mx / 127.0f : 0.0f;
+        const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+        const float ls = mx > 0.0f ? mx / 127.0f : 0.0f;
+        const float inv2 = inv * 254.0f, ls2 = ls / 254.0f;
+        lscale[b] = ls;
+        if (passes == 2) lscale[nb + b] = ls2;
         for (int64_t f = 0; f < F; ++f) {
             const float* a = xs + (b * F + f) * 4;
             float half = (((a[0] + a[1]) + a[2]) + a[3]) * 0.5f;
@@ -154,10 +160,18 @@ void build_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, in
             for (int i = 0; i < 4; ++i) t[4 + i] = t[i] + a[2];
             for (int i = 0; i < 8; ++i) t[8 + i] = t[i] + a[3];
             int8_t* o = tab + (b * F + f) * 32;
+            int8_t* o2 = tab + (Kp / 4 + b * F + f) * 32;
             for (int i = 0; i < 16; ++i) {
-                float v = std::nearbyint((t[i] - half) * inv);
+                const float c = t[i] - half;
+                float v = std::nearbyint(c * inv);
                 v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
                 o[i] = o[16 + i] = (int8_t)v;
+                if (passes == 2) {
+                    const float r = c - v * ls;
+                    float v2 = std::nearbyint(r * inv2);
+                    v2 = v2 > 127.0f ? 127.0f : (v2 < -127.0f ? -127.0f : v2);
+                    o2[i] = o2[16 + i] = (int8_t)v2;
+                }
             }
         }
     }
@@ -168,7 +182,7 @@ struct Args {
     const float* scale;
     const float* zcs;
     int64_t N, Kp, G, S;
-    int bits;
+    int bits, passes;
 };
 
 // Row offsets of the eight 8-float vectors of a 64-row tile, in the order the int16 accumulators
@@ -213,15 +227,19 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Args& A, int64_t tile, 
         const float* sc = A.scale + (tile * ng + g) * TILE;
         for (int64_t bb = 0; bb < bpg; ++bb) {
             const int64_t b = g * bpg + bb;
-            const int8_t* tb = tab + b * F * 32;
+            for (int ps = 0; ps < A.passes; ++ps) {
+            const int8_t* tb = tab + (ps * A.Kp / 4 + b * F) * 32;
+            const uint8_t* wb = w;
             __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
             for (int i = 0; i < bits; ++i) {
                 __m256i p[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-                for (int64_t f = 0; f < F; ++f) quad_avx2(tb + f * 32, w + f * 32, mask, p);
-                w += F * 32;
+                for (int64_t f = 0; f < F; ++f) quad_avx2(tb + f * 32, wb + f * 32, mask, p);
+                wb += F * 32;
                 for (int a = 0; a < 4; ++a) acc[a] = _mm256_add_epi16(acc[a], _mm256_slli_epi16(p[a], i));
             }
-            flush(acc, sc, ls[b], o);
+            flush(acc, sc, ls[ps * nb + b], o);
+            }
+            w += bits * F * 32;
         }
         const float* zc = A.zcs + (tile * ng + g) * TILE;
         const __m256 s = _mm256_set1_ps(asum[g]);
@@ -253,13 +271,15 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void tile_avx512(const Args
         const float* sc = A.scale + (tile * ng + g) * TILE;
         for (int64_t bb = 0; bb < bpg; ++bb) {
             const int64_t b = g * bpg + bb;
-            const int8_t* tb = tab + b * F * 32;
+            for (int ps = 0; ps < A.passes; ++ps) {
+            const int8_t* tb = tab + (ps * A.Kp / 4 + b * F) * 32;
+            const uint8_t* wb = w;
             __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
             for (int i = 0; i < bits; ++i) {
                 __m512i p[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
                 for (int64_t f = 0; f < F2; f += 2) {
                     const __m512i t = _mm512_loadu_si512(tb + f * 32);
-                    const __m512i v = _mm512_loadu_si512(w + f * 32);
+                    const __m512i v = _mm512_loadu_si512(wb + f * 32);
                     const __m512i lo = _mm512_and_si512(v, mask);
                     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
                     widen_add512(_mm512_shuffle_epi8(t, lo), p[0], p[1]);
@@ -268,11 +288,13 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void tile_avx512(const Args
                 __m256i q[4];
                 for (int a = 0; a < 4; ++a)
                     q[a] = _mm256_add_epi16(_mm512_castsi512_si256(p[a]), _mm512_extracti64x4_epi64(p[a], 1));
-                if (F2 < F) quad_avx2(tb + F2 * 32, w + F2 * 32, mask256, q);
-                w += F * 32;
+                if (F2 < F) quad_avx2(tb + F2 * 32, wb + F2 * 32, mask256, q);
+                wb += F * 32;
                 for (int a = 0; a < 4; ++a) acc[a] = _mm256_add_epi16(acc[a], _mm256_slli_epi16(q[a], i));
             }
-            flush(acc, sc, ls[b], o);
+            flush(acc, sc, ls[ps * nb + b], o);
+            }
+            w += bits * F * 32;
         }
         const float* zc = A.zcs + (tile * ng + g) * TILE;
         const __m256 s = _mm256_set1_ps(asum[g]);
@@ -297,24 +319,25 @@ struct Scratch {
 
 extern "C" {
 
-int ws_lut_abi_version() { return 1; }
+int ws_lut_abi_version() { return 2; }
 
 // 0: no supported instruction set (the caller must use the dequantize path), 1: AVX2, 2: AVX-512BW.
 int ws_lut_isa() { return best_isa(); }
 
-// The tables of one token, for the Python emulation tests: tab [Kp/4][32] int8, ls [Kp/S], asum [Kp/G].
-void ws_lut_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, int64_t S, int8_t* tab, float* ls,
-                   float* asum) {
+// The tables of one token, for the Python emulation tests: tab [passes][Kp/4][32] int8,
+// ls [passes][Kp/S], asum [Kp/G].
+void ws_lut_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, int64_t S, int passes, int8_t* tab,
+                   float* ls, float* asum) {
     std::vector<float> xs(Kp);
-    build_tables(x, perm, Kp, G, S, xs.data(), tab, ls, asum);
+    build_tables(x, perm, Kp, G, S, passes, xs.data(), tab, ls, asum);
 }
 
 // y[M, N] = x[M, K] (gathered through perm [Kp]) times the packed weight, + bias (may be null).
 // Returns 0 on success, negative on bad arguments / unsupported isa.
 int ws_lut_gemm(const uint8_t* w, const float* scale, const float* zcs, const int32_t* perm, const float* bias,
                 const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t Kp, int64_t G, int64_t S, int bits,
-                int threads, int isa) {
-    if (bits < 1 || bits > 4 || G <= 0 || S <= 0 || S % 4 || G % S || Kp % G || S > MAX_BLOCK || M < 0 || N < 0)
+                int passes, int threads, int isa) {
+    if (passes < 1 || passes > 2 || bits < 1 || bits > 4 || G <= 0 || S <= 0 || S % 4 || G % S || Kp % G || S > MAX_BLOCK || M < 0 || N < 0)
         return -1;
     const int have = best_isa();
     if (isa < 0) isa = have;
@@ -323,13 +346,13 @@ int ws_lut_gemm(const uint8_t* w, const float* scale, const float* zcs, const in
     const int64_t nq = Kp / 4, nb = Kp / S, ng = Kp / G;
     thread_local Scratch s;
     s.xs.resize(Kp);
-    s.tab.resize((size_t)M * nq * 32);
-    s.ls.resize((size_t)M * nb);
+    s.tab.resize((size_t)M * passes * nq * 32);
+    s.ls.resize((size_t)M * passes * nb);
     s.asum.resize((size_t)M * ng);
     for (int64_t m = 0; m < M; ++m)
-        build_tables(x + m * K, perm, Kp, G, S, s.xs.data(), s.tab.data() + m * nq * 32, s.ls.data() + m * nb,
+        build_tables(x + m * K, perm, Kp, G, S, passes, s.xs.data(), s.tab.data() + m * passes * nq * 32, s.ls.data() + m * passes * nb,
                      s.asum.data() + m * ng);
-    const Args A{w, scale, zcs, N, Kp, G, S, bits};
+    const Args A{w, scale, zcs, N, Kp, G, S, bits, passes};
     const int64_t ntiles = (N + TILE - 1) / TILE;
     int nt = threads < 1 ? 1 : threads;
     if (nt > ntiles) nt = (int)ntiles;
@@ -343,9 +366,9 @@ int ws_lut_gemm(const uint8_t* w, const float* scale, const float* zcs, const in
             const int64_t rows = N - t * TILE < TILE ? N - t * TILE : TILE;
             for (int64_t m = 0; m < M; ++m) {
                 if (isa == 2)
-                    tile_avx512(A, t, tab + m * nq * 32, ls + m * nb, asum + m * ng, out64);
+                    tile_avx512(A, t, tab + m * passes * nq * 32, ls + m * passes * nb, asum + m * ng, out64);
                 else
-                    tile_avx2(A, t, tab + m * nq * 32, ls + m * nb, asum + m * ng, out64);
+                    tile_avx2(A, t, tab + m * passes * nq * 32, ls + m * passes * nb, asum + m * ng, out64);
                 float* yo = y + m * N + t * TILE;
                 if (bias)
                     for (int64_t r = 0; r < rows; ++r) yo[r] = out64[r] + bias[t * TILE + r];
