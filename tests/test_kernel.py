@@ -212,14 +212,14 @@ def test_loader_swaps_every_quantized_layer(quantized, name):
 
 
 def test_cli_run_and_bench_kernel(quantized, capsys):
-    assert main(["run", str(quantized["w4g32"]), "--prompt", "w1 w2 w3 w4", "--max-new-tokens", "4", "--threads", "1", "-q"]) == 0
+    assert main(["run", str(quantized["w4g32"]), "--prompt", "w1 w2 w3 w4", "--max-new-tokens", "4", "--threads", "1", "--table-passes", "1", "-q"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() and len(out.split()) <= 4
     info = json.loads(err.strip().splitlines()[-1])
-    assert info["new_tokens"] == 4 and info["quantized_layers"] == 14
-    assert main(["bench-kernel", str(quantized["w2g64a"]), "--threads", "2", "--prompt-tokens", "8", "--new-tokens", "4", "-q"]) == 0
+    assert info["new_tokens"] == 4 and info["quantized_layers"] == 14 and info["table_passes"] == 1
+    assert main(["bench-kernel", str(quantized["w2g64a"]), "--threads", "2", "--prompt-tokens", "8", "--new-tokens", "4", "--table-passes", "2", "-q"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["threads"] == 2 and res["prompt_tokens"] == 8 and res["new_tokens"] == 4
+    assert res["threads"] == 2 and res["prompt_tokens"] == 8 and res["new_tokens"] == 4 and res["table_passes"] == 2
     assert res["dequant_decode_tokens_per_s"] > 0
     if lut.available():
         assert res["kernel_decode_tokens_per_s"] > 0

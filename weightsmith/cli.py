@@ -216,7 +216,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     from .kernels.runtime import run
 
-    res = run(a.model, a.prompt, max_new_tokens=a.max_new_tokens, threads=a.threads)
+    res = run(a.model, a.prompt, max_new_tokens=a.max_new_tokens, threads=a.threads, table_passes=a.table_passes)
     print(res.pop("text"))
     print(json.dumps(res), file=sys.stderr)
     return 0
@@ -225,7 +225,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_bench_kernel(a: argparse.Namespace) -> int:
     from .kernels.runtime import bench_kernel
 
-    print(json.dumps(bench_kernel(a.quantized, threads=a.threads, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens)))
+    print(json.dumps(bench_kernel(a.quantized, threads=a.threads, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
+                                  table_passes=a.table_passes)))
     return 0
 
 
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", required=True)
     r.add_argument("--max-new-tokens", type=int, default=64)
     r.add_argument("--threads", type=int, default=None, help="threads of the kernel and of torch (default: torch's)")
+    r.add_argument("--table-passes", type=int, choices=(1, 2), default=None,
+                   help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
     r.set_defaults(fn=cmd_run)
 
     bk = sub.add_parser("bench-kernel", parents=[common], help="decode tokens/s: lookup-table kernel vs the dequantized float path",
@@ -293,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--threads", type=int, default=None, help="threads of the kernel and of torch (default: torch's)")
     bk.add_argument("--prompt-tokens", type=int, default=64)
     bk.add_argument("--new-tokens", type=int, default=128)
+    bk.add_argument("--table-passes", type=int, choices=(1, 2), default=None,
+                    help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
     bk.set_defaults(fn=cmd_bench_kernel)
     return ap
 

@@ -15,7 +15,7 @@ from . import lut
 log = logging.getLogger("weightsmith")
 
 _THREADS: int | None = None
-_PASSES = 1
+_PASSES = 2  # accurate by default: SmolLM2 perplexity through int8-only tables moved by 0.5 %
 _WARNED = False
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import WeightsmithError
 from . import lut
-from .linear import LutLinear, set_num_threads
+from .linear import LutLinear, get_table_passes, set_num_threads, set_table_passes
 
 log = logging.getLogger("weightsmith")
 
@@ -131,9 +131,19 @@ def _set_threads(threads: int | None) -> int:
     return n
 
 
-def run(path: str | Path, prompt: str, max_new_tokens: int = 64, threads: int | None = None) -> dict:
+def _set_passes(passes: int | None) -> int:
+    if passes is not None:
+        if passes not in (1, 2):
+            raise WeightsmithError(f"--table-passes must be 1 (int8 tables) or 2 (int8 + residual), not {passes}")
+        set_table_passes(passes)
+    return get_table_passes()
+
+
+def run(path: str | Path, prompt: str, max_new_tokens: int = 64, threads: int | None = None,
+        table_passes: int | None = None) -> dict:
     """Generate greedily from ``prompt`` with the quantized layers on the kernel."""
     threads = _set_threads(threads)
+    passes = _set_passes(table_passes)
     model, tok, info = load_lut_model(path)
     if tok is None:
         raise WeightsmithError(f"{path} has no tokenizer; `weightsmith run` needs one to read --prompt")
@@ -145,7 +155,7 @@ def run(path: str | Path, prompt: str, max_new_tokens: int = 64, threads: int | 
     lst = new.tolist()
     if eos is not None and eos in lst:
         lst = lst[: lst.index(eos)]
-    info.update(threads=threads, prompt_tokens=int(ids.shape[1]), new_tokens=len(new),
+    info.update(threads=threads, table_passes=passes, prompt_tokens=int(ids.shape[1]), new_tokens=len(new),
                 prompt_tokens_per_s=ids.shape[1] / t_prefill,
                 decode_tokens_per_s=(len(new) - 1) / t_decode if len(new) > 1 and t_decode > 0 else None,
                 text=tok.decode(lst, skip_special_tokens=True))
@@ -153,7 +163,7 @@ def run(path: str | Path, prompt: str, max_new_tokens: int = 64, threads: int | 
 
 
 def bench_kernel(path: str | Path, threads: int | None = None, prompt_tokens: int = 64, new_tokens: int = 128,
-                 warmup_tokens: int = 4) -> dict:
+                 warmup_tokens: int = 4, table_passes: int | None = None) -> dict:
     """Decode and prompt tokens/s of the kernel vs the dequantized float32 path (the model's own
     ``nn.Linear``), same model, prompt and threads; greedy, batch 1."""
     from ..export.common import QuantizedCheckpoint
@@ -161,10 +171,11 @@ def bench_kernel(path: str | Path, threads: int | None = None, prompt_tokens: in
     if new_tokens < 2 or prompt_tokens < 1:
         raise WeightsmithError("bench-kernel needs --new-tokens >= 2 and --prompt-tokens >= 1")
     threads = _set_threads(threads)
+    passes = _set_passes(table_passes)
     ckpt = QuantizedCheckpoint(path)
     model, tok = load_float(path)
     ids = prompt_ids(tok, prompt_tokens, model.config.vocab_size)
-    res = {"model": str(path), "bits": ckpt.bits, "group_size": ckpt.group_size, "threads": threads,
+    res = {"model": str(path), "bits": ckpt.bits, "group_size": ckpt.group_size, "threads": threads, "table_passes": passes,
            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
 
     def timed(tag):
