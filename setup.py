@@ -23,8 +23,16 @@ class OptionalBuildExt(build_ext):
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
+            return
         except Exception as e:  # noqa: BLE001
-            self._skip(e)
+            first = e
+        # without OpenMP (a compiler without it): the kernel then uses its own thread pool
+        ext.extra_compile_args = [f for f in ext.extra_compile_args if f != "-fopenmp"]
+        ext.extra_link_args = [f for f in ext.extra_link_args if f != "-fopenmp"]
+        try:
+            super().build_extension(ext)
+        except Exception:  # noqa: BLE001
+            self._skip(first)
 
     @staticmethod
     def _skip(e):
@@ -39,8 +47,10 @@ if not os.environ.get("WEIGHTSMITH_NO_KERNEL_BUILD") and sys.platform == "linux"
         "weightsmith.kernels._lut_gemv",
         sources=["weightsmith/kernels/csrc/lut_gemv.cpp"],
         language="c++",
-        extra_compile_args=["-O3", "-std=c++17", "-pthread", "-ffp-contract=off"],
-        extra_link_args=["-pthread"],
+        # -fopenmp: the library's libgomp.so.1 resolves at run time to the copy torch has loaded, so
+        # the kernel shares torch's OpenMP threads
+        extra_compile_args=["-O3", "-std=c++17", "-pthread", "-ffp-contract=off", "-fopenmp"],
+        extra_link_args=["-pthread", "-fopenmp"],
         optional=True,
     ))
 

@@ -231,3 +231,13 @@ def test_cli_refuses_unquantized_dir(tmp_path, capsys):
     src = save_pico(tmp_path / "pico", "llama")
     assert main(["bench-kernel", str(src), "-q"]) == 2
     assert "not a weightsmith-quantized checkpoint" in capsys.readouterr().err
+
+
+@needs_kernel
+def test_kernel_shares_torchs_openmp_runtime():
+    """Built with OpenMP, the kernel must run on torch's OpenMP team (one runtime in the process), not a
+    second set of threads spinning against torch's."""
+    if not LIB.ws_lut_openmp():
+        pytest.skip("kernel built without OpenMP: it uses its own thread pool")
+    runtimes = lut.openmp_runtimes()
+    assert len(runtimes) <= 1, runtimes

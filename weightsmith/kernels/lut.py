@@ -32,8 +32,8 @@ log = logging.getLogger("weightsmith")
 TILE = 64
 MAX_BLOCK = 64
 SRC = Path(__file__).parent / "csrc" / "lut_gemv.cpp"
-ABI_VERSION = 2
-CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off"]
+ABI_VERSION = 3
+CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fopenmp"]
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
 
 
@@ -233,18 +233,21 @@ def _compile(dest: Path) -> str | None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=dest.parent)
     os.close(fd)
-    cmd = [cxx, *CXXFLAGS, "-o", tmp, str(SRC)]
     print(f"weightsmith: compiling the lookup-table kernel once into {dest} …", file=sys.stderr)
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        os.unlink(tmp)
-        return f"{cxx} failed: {e}"
-    if r.returncode != 0:
-        os.unlink(tmp)
-        return f"{' '.join(cmd)} failed:\n{r.stderr.strip()[-2000:]}"
-    os.replace(tmp, dest)
-    return None
+    err = None
+    for flags in (CXXFLAGS, [f for f in CXXFLAGS if f != "-fopenmp"]):  # without OpenMP: the kernel's own thread pool
+        cmd = [cxx, *flags, "-o", tmp, str(SRC)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            err = f"{cxx} failed: {e}"
+            continue
+        if r.returncode == 0:
+            os.replace(tmp, dest)
+            return None
+        err = f"{' '.join(cmd)} failed:\n{r.stderr.strip()[-2000:]}"
+    os.unlink(tmp)
+    return err
 
 
 def _open(path: Path):
@@ -257,6 +260,7 @@ def _open(path: Path):
     lib.ws_lut_tables.argtypes = [vp, vp, i64, i64, i64, ci, vp, vp, vp]
     lib.ws_lut_tables.restype = None
     lib.ws_lut_isa.restype = ci
+    lib.ws_lut_openmp.restype = ci
     return lib
 
 
@@ -330,6 +334,16 @@ def unavailable_reason() -> str:
 def isa() -> str:
     lib = load_library()
     return ISA_NAMES[lib.ws_lut_isa()] if lib is not None else "none"
+
+
+def openmp_runtimes() -> list[str]:
+    """The OpenMP runtimes mapped into this process (Linux): with the kernel built with OpenMP, it
+    must be torch's one, shared, not a second one."""
+    try:
+        with open("/proc/self/maps") as fh:
+            return sorted({line.split()[-1] for line in fh if "libgomp" in line or "libiomp" in line or "libomp" in line})
+    except OSError:
+        return []
 
 
 def lut_tables_native(p: PackedLayer, x: torch.Tensor, passes: int = 1):

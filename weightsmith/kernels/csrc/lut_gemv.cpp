@@ -35,15 +35,21 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
 constexpr int TILE = 64;
 constexpr int MAX_BLOCK = 64;  // activations per table-scale block (16 quads): int16-safe at 4 bits
 
-// ---------------------------------------------------------------- thread pool
-// A persistent pool: OpenMP would bring a second OpenMP runtime next to torch's bundled one,
-// whose idle threads spin against ours; this pool spins briefly, then sleeps.
+// ---------------------------------------------------------------- threads
+// Built with -fopenmp, the library's NEEDED libgomp.so.1 resolves to the copy torch has already
+// loaded (same soname), so the kernel runs on torch's own OpenMP team: no second set of threads
+// spinning against torch's on the same cores. Without OpenMP, this persistent pool (spins
+// briefly, then sleeps) is used instead.
+#ifndef _OPENMP
 class Pool {
 public:
     ~Pool() {
@@ -123,6 +129,7 @@ Pool& pool() {
     static Pool p;
     return p;
 }
+#endif
 
 // ---------------------------------------------------------------- tables
 // For one token: gathered activations -> int8 tables [Kp/4][32] (16 entries, duplicated for both
@@ -319,7 +326,16 @@ struct Scratch {
 
 extern "C" {
 
-int ws_lut_abi_version() { return 2; }
+int ws_lut_abi_version() { return 3; }
+
+// 1 when built with OpenMP (the kernel shares torch's OpenMP threads), 0 with its own thread pool.
+int ws_lut_openmp() {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 // 0: no supported instruction set (the caller must use the dequantize path), 1: AVX2, 2: AVX-512BW.
 int ws_lut_isa() { return best_isa(); }
@@ -359,8 +375,8 @@ int ws_lut_gemm(const uint8_t* w, const float* scale, const float* zcs, const in
     const int8_t* tab = s.tab.data();
     const float* ls = s.ls.data();
     const float* asum = s.asum.data();
-    auto work = [&](int id) {
-        const int64_t t0 = ntiles * id / nt, t1 = ntiles * (id + 1) / nt;
+    auto work = [&](int id, int n) {
+        const int64_t t0 = ntiles * id / n, t1 = ntiles * (id + 1) / n;
         alignas(64) float out64[TILE];
         for (int64_t t = t0; t < t1; ++t) {
             const int64_t rows = N - t * TILE < TILE ? N - t * TILE : TILE;
@@ -377,7 +393,16 @@ int ws_lut_gemm(const uint8_t* w, const float* scale, const float* zcs, const in
             }
         }
     };
-    pool().run(nt, work);
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        work(omp_get_thread_num(), omp_get_num_threads());
+    } else {
+        work(0, 1);
+    }
+#else
+    pool().run(nt, [&](int id) { work(id, nt); });
+#endif
     return 0;
 }
 
