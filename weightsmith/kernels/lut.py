@@ -32,7 +32,7 @@ log = logging.getLogger("weightsmith")
 TILE = 64
 MAX_BLOCK = 64
 SRC = Path(__file__).parent / "csrc" / "lut_gemv.cpp"
-ABI_VERSION = 3
+ABI_VERSION = 4
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fopenmp"]
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
 
@@ -261,6 +261,7 @@ def _open(path: Path):
     lib.ws_lut_tables.restype = None
     lib.ws_lut_isa.restype = ci
     lib.ws_lut_openmp.restype = ci
+    lib.ws_lut_omp_symbol.restype = vp
     return lib
 
 
@@ -336,14 +337,23 @@ def isa() -> str:
     return ISA_NAMES[lib.ws_lut_isa()] if lib is not None else "none"
 
 
-def openmp_runtimes() -> list[str]:
-    """The OpenMP runtimes mapped into this process (Linux): with the kernel built with OpenMP, it
-    must be torch's one, shared, not a second one."""
+def kernel_openmp_runtime() -> str | None:
+    """The file of the OpenMP runtime the kernel runs on (Linux; None without OpenMP). Built with
+    OpenMP, it must be the libgomp torch loaded — one team for both, not two spinning against each other."""
+    lib = load_library()
+    addr = lib.ws_lut_omp_symbol() if lib is not None else None
+    if not addr:
+        return None
     try:
         with open("/proc/self/maps") as fh:
-            return sorted({line.split()[-1] for line in fh if "libgomp" in line or "libiomp" in line or "libomp" in line})
+            for line in fh:
+                parts = line.split()
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                if lo <= addr < hi and len(parts) >= 6:
+                    return parts[5]
     except OSError:
-        return []
+        pass
+    return None
 
 
 def lut_tables_native(p: PackedLayer, x: torch.Tensor, passes: int = 1):

@@ -326,7 +326,7 @@ struct Scratch {
 
 extern "C" {
 
-int ws_lut_abi_version() { return 3; }
+int ws_lut_abi_version() { return 4; }
 
 // 1 when built with OpenMP (the kernel shares torch's OpenMP threads), 0 with its own thread pool.
 int ws_lut_openmp() {
@@ -334,6 +334,16 @@ int ws_lut_openmp() {
     return 1;
 #else
     return 0;
+#endif
+}
+
+// The address of the OpenMP runtime's omp_get_num_threads this library resolved to (null without
+// OpenMP): tells which libgomp the kernel runs on.
+const void* ws_lut_omp_symbol() {
+#ifdef _OPENMP
+    return (const void*)&omp_get_num_threads;
+#else
+    return nullptr;
 #endif
 }
 
