@@ -85,12 +85,13 @@ def test_kernel_matches_emulation_and_dequant(bits, case, isa, passes):
 @needs_kernel
 @pytest.mark.parametrize("case", CASES[:4])
 @pytest.mark.parametrize("passes", [1, 2])
-def test_native_tables_bit_exact(case, passes):
+@pytest.mark.parametrize("isa", [0] + ISAS)
+def test_native_tables_bit_exact(case, passes, isa):
     N, K, gs, act = case
     p, _ = _layer(N, K, 4, gs, act)
     x = torch.randn(1, K) * torch.logspace(-3, 1, K)  # a wide dynamic range across the blocks
     tq, ls, asum = lut.tables(p, x, passes)
-    ntq, nls, nasum = lut.lut_tables_native(p, x[0], passes)
+    ntq, nls, nasum = lut.lut_tables_native(p, x[0], passes, isa)  # scalar, AVX2 and AVX-512 builders
     assert torch.equal(ntq, tq[:, 0])
     assert torch.equal(nls, ls[:, 0])
     assert torch.allclose(nasum.double(), asum[0], rtol=1e-5, atol=1e-6)

@@ -32,7 +32,7 @@ log = logging.getLogger("weightsmith")
 TILE = 64
 MAX_BLOCK = 64
 SRC = Path(__file__).parent / "csrc" / "lut_gemv.cpp"
-ABI_VERSION = 4
+ABI_VERSION = 6
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fopenmp"]
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
 
@@ -42,7 +42,7 @@ ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
 class PackedLayer:
     """A quantized linear layer in the kernel's layout (see ``csrc/lut_gemv.cpp``)."""
 
-    w: torch.Tensor  # uint8 [tiles][blocks][bits][S/4][32]
+    w: torch.Tensor  # uint8 [tiles][blocks][S/4 quads][bits * 32]
     scale: torch.Tensor  # float32 [tiles][groups][64]
     zcs: torch.Tensor  # float32 [tiles][groups][64]: scale * (zero - (2**bits - 1) / 2)
     perm: torch.Tensor  # int32 [Kp]: source column of each packed column, -1 = padding
@@ -66,6 +66,38 @@ class PackedLayer:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.zcs, self.perm))
+
+
+def _chunk_map(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each byte of a quad's ``bits * 32``-byte chunk: (row, plane) of its low nibble and of its
+    high nibble (the layout of ``csrc/lut_gemv.cpp``)."""
+    rl, pl, rh, ph = [], [], [], []
+    for pp in range(bits // 2):
+        for o in range(64):
+            h, j = divmod(o, 32)
+            rl.append(32 * h + j // 2)
+            rh.append(32 * h + 16 + j // 2)
+            pl.append(2 * pp + j % 2)
+            ph.append(2 * pp + j % 2)
+    if bits % 2:
+        for j in range(32):
+            rl.append(j // 2 + 16 * (j % 2))
+            rh.append(32 + j // 2 + 16 * (j % 2))
+            pl.append(bits - 1)
+            ph.append(bits - 1)
+    return tuple(torch.tensor(v) for v in (rl, pl, rh, ph))
+
+
+def _nibbles(p: "PackedLayer") -> torch.Tensor:
+    """The packed weight back as nibbles (bits, rows padded to 64, quads): bit b of
+    ``[i, n, q]`` = plane i of the code at row n, packed column 4q + b."""
+    T, nb, F = p.tiles, p.kp // p.block, p.block // 4
+    rl, pl, rh, ph = _chunk_map(p.bits)
+    w4 = p.w.view(T, nb, F, p.bits * 32).permute(3, 0, 1, 2)  # (C, T, nb, F)
+    nib = torch.zeros(p.bits, T, TILE, nb, F, dtype=torch.uint8)
+    nib[pl, :, rl] = w4 & 15
+    nib[ph, :, rh] = w4 >> 4
+    return nib.reshape(p.bits, T * TILE, p.kp // 4)
 
 
 def _block_size(G: int, limit: int = MAX_BLOCK) -> int:
@@ -98,13 +130,13 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.
     Np = T * TILE
     qp = torch.zeros(Np, Kp, dtype=torch.uint8)
     qp[:N, dest] = q[:, order].to(torch.uint8)
-    planes = []
+    nibs = []
     for i in range(bits):
         bit = ((qp >> i) & 1).view(Np, nq, 4)
-        nib = bit[..., 0] | (bit[..., 1] << 1) | (bit[..., 2] << 2) | (bit[..., 3] << 3)  # (Np, nq)
-        nib = nib.view(T, 2, 32, nb, F)
-        planes.append(nib[:, 0] | (nib[:, 1] << 4))  # (T, 32, nb, F)
-    w = torch.stack(planes, 0).permute(1, 3, 0, 4, 2).contiguous()  # (T, nb, bits, F, 32)
+        nibs.append(bit[..., 0] | (bit[..., 1] << 1) | (bit[..., 2] << 2) | (bit[..., 3] << 3))  # (Np, nq)
+    nib = torch.stack(nibs).view(bits, T, TILE, nb, F)
+    rl, pl, rh, ph = _chunk_map(bits)
+    w = (nib[pl, :, rl] | (nib[ph, :, rh] << 4)).permute(1, 2, 3, 0).contiguous()  # (T, nb, F, bits * 32)
     sc = torch.zeros(Np, ng, dtype=torch.float32)
     sc[:N] = scale.float()
     zc = torch.zeros(Np, ng, dtype=torch.float32)
@@ -115,10 +147,9 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.
 
 def unpack(p: PackedLayer) -> torch.Tensor:
     """The dequantized float32 weight (out, in), read back from the packed form (the reference path)."""
-    T, nb, F, ng, G = p.tiles, p.kp // p.block, p.block // 4, p.n_groups, p.group
-    Np, nq = T * TILE, p.kp // 4
-    w5 = p.w.view(T, nb, p.bits, F, 32).permute(2, 0, 4, 1, 3)  # (bits, T, 32, nb, F)
-    nib = torch.stack([w5 & 15, w5 >> 4], 2).reshape(p.bits, Np, nq)  # (bits, T, 2, 32, nb, F) → rows
+    T, ng, G = p.tiles, p.n_groups, p.group
+    Np = T * TILE
+    nib = _nibbles(p)
     code = torch.zeros(Np, p.kp, dtype=torch.float32)
     for i in range(p.bits):
         bit = torch.stack([(nib[i] >> b) & 1 for b in range(4)], -1).reshape(Np, p.kp)
@@ -144,12 +175,9 @@ def tables(p: PackedLayer, x: torch.Tensor, passes: int = 1):
     xs[:, valid] = x[:, p.perm[valid].long()]
     a = xs.view(M, -1, 4)
     a0, a1, a2, a3 = a.unbind(-1)
-    t = torch.zeros(M, a.shape[1], 16, dtype=torch.float32)
-    t[..., 1] = a0
-    t[..., 2:4] = t[..., 0:2] + a1[..., None]
-    t[..., 4:8] = t[..., 0:4] + a2[..., None]
-    t[..., 8:16] = t[..., 0:8] + a3[..., None]
-    half = (((a0 + a1) + a2) + a3) * 0.5
+    idx = torch.arange(16)
+    e = [(((idx >> b) & 1).float() - 0.5) for b in range(4)]  # ±1/2: the products are exact
+    c = ((e[0] * a0[..., None] + e[1] * a1[..., None]) + e[2] * a2[..., None]) + e[3] * a3[..., None]
     mx = (((a0.abs() + a1.abs()) + a2.abs()) + a3.abs()) * 0.5
     bm = mx.view(M, -1, p.block // 4).amax(-1)
     pos = bm > 0
@@ -157,7 +185,6 @@ def tables(p: PackedLayer, x: torch.Tensor, passes: int = 1):
     inv = torch.where(pos, torch.full_like(bm, 127.0) / safe, torch.zeros_like(bm))
     ls = torch.where(pos, safe / 127.0, torch.zeros_like(bm))
     invq = inv.repeat_interleave(p.block // 4, 1)
-    c = t - half[..., None]
     v = torch.round(c * invq[..., None]).clamp(-127, 127)
     tqs, lss = [v.to(torch.int8)], [ls]
     if passes == 2:
@@ -176,8 +203,7 @@ def emulate(p: PackedLayer, x: torch.Tensor, passes: int = 1) -> torch.Tensor:
     M = x.shape[0]
     T, nb, F, ng = p.tiles, p.kp // p.block, p.block // 4, p.n_groups
     Np, nq = T * TILE, p.kp // 4
-    w5 = p.w.view(T, nb, p.bits, F, 32).permute(2, 0, 4, 1, 3)
-    nib = torch.stack([w5 & 15, w5 >> 4], 2).reshape(p.bits, Np, nq).long()
+    nib = _nibbles(p).long()
     sc = p.scale.permute(0, 2, 1).reshape(Np, ng).double()
     zc = p.zcs.permute(0, 2, 1).reshape(Np, ng).double()
     scb = sc.repeat_interleave(p.group // p.block, 1)  # (Np, nb)
@@ -257,7 +283,7 @@ def _open(path: Path):
     vp, i64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.ws_lut_gemm.argtypes = [vp] * 7 + [i64] * 6 + [ci] * 4
     lib.ws_lut_gemm.restype = ci
-    lib.ws_lut_tables.argtypes = [vp, vp, i64, i64, i64, ci, vp, vp, vp]
+    lib.ws_lut_tables.argtypes = [vp, vp, i64, i64, i64, ci, ci, vp, vp, vp]
     lib.ws_lut_tables.restype = None
     lib.ws_lut_isa.restype = ci
     lib.ws_lut_openmp.restype = ci
@@ -356,14 +382,14 @@ def kernel_openmp_runtime() -> str | None:
     return None
 
 
-def lut_tables_native(p: PackedLayer, x: torch.Tensor, passes: int = 1):
+def lut_tables_native(p: PackedLayer, x: torch.Tensor, passes: int = 1, isa: int = -1):
     """The kernel's own tables for one token (tests): ``(tq (passes, Kp/4, 16) int8, lut_scale (passes, Kp/S), asum)``."""
     lib = load_library()
     x = x.float().contiguous()
     tab = torch.empty(passes, p.kp // 4, 32, dtype=torch.int8)
     ls = torch.empty(passes, p.kp // p.block, dtype=torch.float32)
     asum = torch.empty(p.n_groups, dtype=torch.float32)
-    lib.ws_lut_tables(x.data_ptr(), p.perm.data_ptr(), p.kp, p.group, p.block, passes, tab.data_ptr(), ls.data_ptr(), asum.data_ptr())
+    lib.ws_lut_tables(x.data_ptr(), p.perm.data_ptr(), p.kp, p.group, p.block, passes, isa, tab.data_ptr(), ls.data_ptr(), asum.data_ptr())
     assert torch.equal(tab[..., :16], tab[..., 16:])
     return tab[..., :16], ls, asum
 

@@ -14,16 +14,19 @@
 // same weights (about 15-bit tables, twice the lookups): T ~ ls * q1 + ls / 254 * q2.
 //
 // Packed weight layout (built in weightsmith/kernels/lut.py), rows in tiles of 64:
-//     [tile][block][plane][quad in block][32 bytes]
-// byte r (0..31) of a 32-byte chunk: low nibble = the 4 plane bits of row tile*64 + r for the
-// quad's 4 columns (bit b = column 4*quad + b), high nibble = the same for row tile*64 + 32 + r.
+//     [tile][block][quad in block][bits * 32 bytes]
+// A quad's chunk (64 rows x bits planes x 4 columns) holds, for each pair of planes (2p, 2p+1), 64 bytes, then for an odd bit width
+// the last plane in 32 bytes. Each nibble is the 4 bits of one (row, plane) over the quad's 4
+// columns (bit b = column 4*quad + b). Plane pair, byte o = 32h + j (h = 0, 1; j = 0..31): low
+// nibble = row 32h + j/2, plane 2p + j%2; high nibble = row 32h + 16 + j/2, plane 2p + j%2. Odd
+// plane, byte j: low nibble = row j/2 + 16 (j%2), high nibble = row 32 + j/2 + 16 (j%2).
 // Scales: [tile][group][64] float; zc_scale = scale * zc, same layout.
 //
-// Inner loop per 32-byte chunk: two vpshufb (low / high nibbles) look up 64 rows at once; int8
-// results are sign-extended to int16 and summed per plane (<= 16 quads: |sum| <= 2032), the planes
-// combined with shifts in int16 (|acc| <= 15 * 16 * 127 = 30480 < 32767), converted to float once
-// per block and scaled by scale * lut_scale. The zero term uses the float sum of the activations
-// of each group (exact, not from the tables).
+// Inner loop: vpshufb looks up 32 (AVX2) or 64 (AVX-512) nibbles in the quad's table; vpmaddubsw
+// with weights (2^i, 2^(i+1)) widens the int8 lookups of a plane pair to int16 and combines the two
+// planes in one instruction, one int16 per row (natural order). Sums stay in int16 over a block
+// (|acc| <= 15 * 16 * 127 = 30480 < 32767 at 4 bits), are converted to float once per block and
+// scaled by scale * lut_scale. The zero term uses the float sum of each group's activations.
 #include <immintrin.h>
 
 #include <atomic>
@@ -135,8 +138,86 @@ Pool& pool() {
 // For one token: gathered activations -> int8 tables [Kp/4][32] (16 entries, duplicated for both
 // 128-bit lanes), lut scales [Kp/S], group sums [n_groups]. Plain float code, compiled without
 // FMA contraction, so that the Python emulation (lut.py) reproduces it bit for bit.
-// tab: [passes][Kp/4][32], lscale: [passes][Kp/S].
-void build_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, int64_t S, int passes,
+// The 16 centred entries of one quad, c[idx] = ((e0 a0 + e1 a1) + e2 a2) + e3 a3 with
+// e_b = +1/2 if bit b of idx is set, else -1/2 (the products are exact), quantized:
+// q1 = round(c * inv), and for 2 passes q2 = round((c - q1 * ls) * inv2). Each variant below does
+// the same IEEE operations in the same order, so all three (and the torch emulation) agree bit for bit.
+constexpr float E[4][16] = {
+    {-.5f, .5f, -.5f, .5f, -.5f, .5f, -.5f, .5f, -.5f, .5f, -.5f, .5f, -.5f, .5f, -.5f, .5f},
+    {-.5f, -.5f, .5f, .5f, -.5f, -.5f, .5f, .5f, -.5f, -.5f, .5f, .5f, -.5f, -.5f, .5f, .5f},
+    {-.5f, -.5f, -.5f, -.5f, .5f, .5f, .5f, .5f, -.5f, -.5f, -.5f, -.5f, .5f, .5f, .5f, .5f},
+    {-.5f, -.5f, -.5f, -.5f, -.5f, -.5f, -.5f, -.5f, .5f, .5f, .5f, .5f, .5f, .5f, .5f, .5f}};
+
+inline float clamp127(float v) { return v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v); }
+
+void quad_tables_scalar(const float* a, float inv, float ls, float inv2, int passes, int8_t* o, int8_t* o2) {
+    for (int i = 0; i < 16; ++i) {
+        const float c = ((E[0][i] * a[0] + E[1][i] * a[1]) + E[2][i] * a[2]) + E[3][i] * a[3];
+        const float v = clamp127(std::nearbyint(c * inv));
+        o[i] = o[16 + i] = (int8_t)v;
+        if (passes == 2) {
+            const float v2 = clamp127(std::nearbyint((c - v * ls) * inv2));
+            o2[i] = o2[16 + i] = (int8_t)v2;
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) inline __m128i pack16_avx2(__m256 lo, __m256 hi) {
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(lo), _mm256_cvtps_epi32(hi)), 0xD8);
+    return _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+}
+
+__attribute__((target("avx2,fma"))) void quad_tables_avx2(const float* a, float inv, float ls, float inv2, int passes,
+                                                          int8_t* o, int8_t* o2) {
+    const __m256 lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
+    __m256 c[2], v[2], v2[2];
+    for (int h = 0; h < 2; ++h) {
+        __m256 t = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(E[0] + 8 * h), _mm256_set1_ps(a[0])),
+                                 _mm256_mul_ps(_mm256_loadu_ps(E[1] + 8 * h), _mm256_set1_ps(a[1])));
+        t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_loadu_ps(E[2] + 8 * h), _mm256_set1_ps(a[2])));
+        c[h] = _mm256_add_ps(t, _mm256_mul_ps(_mm256_loadu_ps(E[3] + 8 * h), _mm256_set1_ps(a[3])));
+        v[h] = _mm256_min_ps(lim, _mm256_max_ps(nlim, _mm256_round_ps(_mm256_mul_ps(c[h], _mm256_set1_ps(inv)),
+                                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    }
+    const __m128i q = pack16_avx2(v[0], v[1]);
+    _mm_storeu_si128((__m128i*)o, q);
+    _mm_storeu_si128((__m128i*)(o + 16), q);
+    if (passes == 2) {
+        for (int h = 0; h < 2; ++h) {
+            const __m256 r = _mm256_sub_ps(c[h], _mm256_mul_ps(v[h], _mm256_set1_ps(ls)));
+            v2[h] = _mm256_min_ps(lim, _mm256_max_ps(nlim, _mm256_round_ps(_mm256_mul_ps(r, _mm256_set1_ps(inv2)),
+                                                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        }
+        const __m128i q2 = pack16_avx2(v2[0], v2[1]);
+        _mm_storeu_si128((__m128i*)o2, q2);
+        _mm_storeu_si128((__m128i*)(o2 + 16), q2);
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) void quad_tables_avx512(const float* a, float inv, float ls, float inv2,
+                                                                            int passes, int8_t* o, int8_t* o2) {
+    const __m512 lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f);
+    __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(E[0]), _mm512_set1_ps(a[0])),
+                             _mm512_mul_ps(_mm512_loadu_ps(E[1]), _mm512_set1_ps(a[1])));
+    t = _mm512_add_ps(t, _mm512_mul_ps(_mm512_loadu_ps(E[2]), _mm512_set1_ps(a[2])));
+    const __m512 c = _mm512_add_ps(t, _mm512_mul_ps(_mm512_loadu_ps(E[3]), _mm512_set1_ps(a[3])));
+    const __m512 v = _mm512_min_ps(lim, _mm512_max_ps(nlim, _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(inv)),
+                                                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    const __m128i q = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));
+    _mm_storeu_si128((__m128i*)o, q);
+    _mm_storeu_si128((__m128i*)(o + 16), q);
+    if (passes == 2) {
+        const __m512 r = _mm512_sub_ps(c, _mm512_mul_ps(v, _mm512_set1_ps(ls)));
+        const __m512 v2 = _mm512_min_ps(lim, _mm512_max_ps(nlim, _mm512_roundscale_ps(_mm512_mul_ps(r, _mm512_set1_ps(inv2)),
+                                                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        const __m128i q2 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v2));
+        _mm_storeu_si128((__m128i*)o2, q2);
+        _mm_storeu_si128((__m128i*)(o2 + 16), q2);
+    }
+}
+
+// tab: [passes][Kp/4][32], lscale: [passes][Kp/S]. isa 0: scalar, 1: AVX2, 2: AVX-512.
+void build_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, int64_t S, int passes, int isa,
                   float* xs, int8_t* tab, float* lscale, float* asum) {
     for (int64_t k = 0; k < Kp; ++k) xs[k] = perm[k] >= 0 ? x[perm[k]] : 0.0f;
     const int64_t ng = Kp / G, nb = Kp / S, F = S / 4;
@@ -145,12 +226,12 @@ void build_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, in
         for (int64_t k = g * G; k < (g + 1) * G; ++k) s += xs[k];
         asum[g] = s;
     }
-    float t[16];
+    auto quad = isa == 2 ? quad_tables_avx512 : isa == 1 ? quad_tables_avx2 : quad_tables_scalar;
     for (int64_t b = 0; b < nb; ++b) {
         float mx = 0.0f;
         for (int64_t f = 0; f < F; ++f) {
             const float* a = xs + (b * F + f) * 4;
-            float m = (std::fabs(a[0]) + std::fabs(a[1]) + std::fabs(a[2]) + std::fabs(a[3])) * 0.5f;
+            float m = (((std::fabs(a[0]) + std::fabs(a[1])) + std::fabs(a[2])) + std::fabs(a[3])) * 0.5f;
             mx = m > mx ? m : mx;
         }
         const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
@@ -158,29 +239,8 @@ void build_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, in
         const float inv2 = inv * 254.0f, ls2 = ls / 254.0f;
         lscale[b] = ls;
         if (passes == 2) lscale[nb + b] = ls2;
-        for (int64_t f = 0; f < F; ++f) {
-            const float* a = xs + (b * F + f) * 4;
-            float half = (((a[0] + a[1]) + a[2]) + a[3]) * 0.5f;
-            t[0] = 0.0f;
-            t[1] = a[0];
-            for (int i = 0; i < 2; ++i) t[2 + i] = t[i] + a[1];
-            for (int i = 0; i < 4; ++i) t[4 + i] = t[i] + a[2];
-            for (int i = 0; i < 8; ++i) t[8 + i] = t[i] + a[3];
-            int8_t* o = tab + (b * F + f) * 32;
-            int8_t* o2 = tab + (Kp / 4 + b * F + f) * 32;
-            for (int i = 0; i < 16; ++i) {
-                const float c = t[i] - half;
-                float v = std::nearbyint(c * inv);
-                v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-                o[i] = o[16 + i] = (int8_t)v;
-                if (passes == 2) {
-                    const float r = c - v * ls;
-                    float v2 = std::nearbyint(r * inv2);
-                    v2 = v2 > 127.0f ? 127.0f : (v2 < -127.0f ? -127.0f : v2);
-                    o2[i] = o2[16 + i] = (int8_t)v2;
-                }
-            }
-        }
+        for (int64_t f = 0; f < F; ++f)
+            quad(xs + (b * F + f) * 4, inv, ls, inv2, passes, tab + (b * F + f) * 32, tab + (Kp / 4 + b * F + f) * 32);
     }
 }
 
@@ -192,122 +252,136 @@ struct Args {
     int bits, passes;
 };
 
-// Row offsets of the eight 8-float vectors of a 64-row tile, in the order the int16 accumulators
-// come out of the byte unpacking (see the header).
-constexpr int OFF[8] = {0, 16, 8, 24, 32, 48, 40, 56};
-
 // ---------------------------------------------------------------- AVX2
-__attribute__((target("avx2,fma"))) inline void widen_add(__m256i r, __m256i& lo, __m256i& hi) {
-    lo = _mm256_add_epi16(lo, _mm256_srai_epi16(_mm256_unpacklo_epi8(r, r), 8));
-    hi = _mm256_add_epi16(hi, _mm256_srai_epi16(_mm256_unpackhi_epi8(r, r), 8));
-}
-
+// vpmaddubsw(weights u8, lookups s8) sums adjacent byte pairs into int16: with the pair (plane i,
+// plane i+1) of the same row in adjacent bytes and weights (2^i, 2^(i+1)), one instruction widens
+// the lookups, combines the two planes and leaves one int16 per row, in natural row order.
 __attribute__((target("avx2,fma"))) inline void flush(const __m256i acc[4], const float* sc, float ls, __m256* o) {
     const __m256 l = _mm256_set1_ps(ls);
-    for (int a = 0; a < 4; ++a) {
+    for (int a = 0; a < 4; ++a) {  // acc[a] = rows 16a .. 16a+15
         __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[a])));
         __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[a], 1)));
-        o[2 * a] = _mm256_fmadd_ps(f0, _mm256_mul_ps(_mm256_loadu_ps(sc + OFF[2 * a]), l), o[2 * a]);
-        o[2 * a + 1] = _mm256_fmadd_ps(f1, _mm256_mul_ps(_mm256_loadu_ps(sc + OFF[2 * a + 1]), l), o[2 * a + 1]);
+        o[2 * a] = _mm256_fmadd_ps(f0, _mm256_mul_ps(_mm256_loadu_ps(sc + 16 * a), l), o[2 * a]);
+        o[2 * a + 1] = _mm256_fmadd_ps(f1, _mm256_mul_ps(_mm256_loadu_ps(sc + 16 * a + 8), l), o[2 * a + 1]);
     }
 }
 
-__attribute__((target("avx2,fma"))) inline void quad_avx2(const int8_t* tab, const uint8_t* w, __m256i mask, __m256i p[4]) {
-    const __m256i t = _mm256_loadu_si256((const __m256i*)tab);
+// The odd last plane of one quad (32 bytes, 64 rows): even bytes and odd bytes go to different rows.
+__attribute__((target("avx2,fma"))) inline void single_avx2(__m256i t, const uint8_t* w, __m256i mask, __m256i we, __m256i wo,
+                                                            __m256i acc[4]) {
     const __m256i v = _mm256_loadu_si256((const __m256i*)w);
-    const __m256i lo = _mm256_and_si256(v, mask);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-    widen_add(_mm256_shuffle_epi8(t, lo), p[0], p[1]);
-    widen_add(_mm256_shuffle_epi8(t, hi), p[2], p[3]);
+    const __m256i rl = _mm256_shuffle_epi8(t, _mm256_and_si256(v, mask));
+    const __m256i rh = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+    acc[0] = _mm256_add_epi16(acc[0], _mm256_maddubs_epi16(we, rl));
+    acc[1] = _mm256_add_epi16(acc[1], _mm256_maddubs_epi16(wo, rl));
+    acc[2] = _mm256_add_epi16(acc[2], _mm256_maddubs_epi16(we, rh));
+    acc[3] = _mm256_add_epi16(acc[3], _mm256_maddubs_epi16(wo, rh));
+}
+
+__attribute__((target("avx2,fma"))) inline __m256i pair_weights(int i, int bits) {
+    // bytes (2^i, 2^(i+1)) for a plane pair; (2^i, 0) / (0, 2^i) for the odd plane (see single_avx2)
+    (void)bits;
+    return _mm256_set1_epi16((short)((1 << i) | ((1 << (i + 1)) << 8)));
 }
 
 // One tile of 64 rows, one token: the 64 outputs in natural row order into out64.
 __attribute__((target("avx2,fma"))) void tile_avx2(const Args& A, int64_t tile, const int8_t* tab, const float* ls,
                                                    const float* asum, float* out64) {
     const int64_t ng = A.Kp / A.G, bpg = A.G / A.S, F = A.S / 4, nb = A.Kp / A.S;
-    const int bits = A.bits;
+    const int bits = A.bits, npairs = bits / 2, odd = bits & 1, qbytes = bits * 32;
     const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i wp0 = pair_weights(0, bits), wp1 = pair_weights(2, bits);
+    const __m256i we = _mm256_set1_epi16((short)(1 << (bits - 1))), wo = _mm256_set1_epi16((short)((1 << (bits - 1)) << 8));
     __m256 o[8];
     for (int k = 0; k < 8; ++k) o[k] = _mm256_setzero_ps();
-    const uint8_t* w = A.w + tile * nb * bits * F * 32;
+    const uint8_t* w = A.w + tile * nb * F * qbytes;
     for (int64_t g = 0; g < ng; ++g) {
         const float* sc = A.scale + (tile * ng + g) * TILE;
         for (int64_t bb = 0; bb < bpg; ++bb) {
             const int64_t b = g * bpg + bb;
             for (int ps = 0; ps < A.passes; ++ps) {
-            const int8_t* tb = tab + (ps * A.Kp / 4 + b * F) * 32;
-            const uint8_t* wb = w;
-            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-            for (int i = 0; i < bits; ++i) {
-                __m256i p[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-                for (int64_t f = 0; f < F; ++f) quad_avx2(tb + f * 32, wb + f * 32, mask, p);
-                wb += F * 32;
-                for (int a = 0; a < 4; ++a) acc[a] = _mm256_add_epi16(acc[a], _mm256_slli_epi16(p[a], i));
+                const int8_t* tb = tab + (ps * A.Kp / 4 + b * F) * 32;
+                const uint8_t* wb = w;
+                __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+                for (int64_t f = 0; f < F; ++f) {
+                    const __m256i t = _mm256_loadu_si256((const __m256i*)(tb + f * 32));
+                    for (int pp = 0; pp < npairs; ++pp) {
+                        const __m256i wpp = pp ? wp1 : wp0;
+                        const __m256i va = _mm256_loadu_si256((const __m256i*)wb);
+                        const __m256i vb = _mm256_loadu_si256((const __m256i*)(wb + 32));
+                        acc[0] = _mm256_add_epi16(acc[0], _mm256_maddubs_epi16(wpp, _mm256_shuffle_epi8(t, _mm256_and_si256(va, mask))));
+                        acc[1] = _mm256_add_epi16(acc[1], _mm256_maddubs_epi16(wpp, _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(va, 4), mask))));
+                        acc[2] = _mm256_add_epi16(acc[2], _mm256_maddubs_epi16(wpp, _mm256_shuffle_epi8(t, _mm256_and_si256(vb, mask))));
+                        acc[3] = _mm256_add_epi16(acc[3], _mm256_maddubs_epi16(wpp, _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(vb, 4), mask))));
+                        wb += 64;
+                    }
+                    if (odd) {
+                        single_avx2(t, wb, mask, we, wo, acc);
+                        wb += 32;
+                    }
+                }
+                flush(acc, sc, ls[ps * nb + b], o);
             }
-            flush(acc, sc, ls[ps * nb + b], o);
-            }
-            w += bits * F * 32;
+            w += F * qbytes;
         }
         const float* zc = A.zcs + (tile * ng + g) * TILE;
         const __m256 s = _mm256_set1_ps(asum[g]);
-        for (int k = 0; k < 8; ++k) o[k] = _mm256_fnmadd_ps(_mm256_loadu_ps(zc + OFF[k]), s, o[k]);
+        for (int k = 0; k < 8; ++k) o[k] = _mm256_fnmadd_ps(_mm256_loadu_ps(zc + 8 * k), s, o[k]);
     }
-    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64 + OFF[k], o[k]);
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64 + 8 * k, o[k]);
 }
 
 // ---------------------------------------------------------------- AVX-512 (BW)
-// Two quads per instruction: a 64-byte load holds quad f's 32 index bytes and quad f+1's; the
-// table register holds [T_f, T_f, T_f+1, T_f+1] (the duplicated 32-byte tables are contiguous),
-// so the in-lane vpshufb looks up 2 x 64 rows; the two 256-bit halves are added at the plane's end.
-__attribute__((target("avx512f,avx512bw,avx2,fma"))) inline void widen_add512(__m512i r, __m512i& lo, __m512i& hi) {
-    lo = _mm512_add_epi16(lo, _mm512_srai_epi16(_mm512_unpacklo_epi8(r, r), 8));
-    hi = _mm512_add_epi16(hi, _mm512_srai_epi16(_mm512_unpackhi_epi8(r, r), 8));
-}
-
+// A plane pair's 64-byte chunk in one zmm: the quad's table broadcast to the 4 lanes; low nibbles
+// give rows 0-15 (lanes 0-1) and 32-47 (lanes 2-3), high nibbles rows 16-31 and 48-63.
 __attribute__((target("avx512f,avx512bw,avx2,fma"))) void tile_avx512(const Args& A, int64_t tile, const int8_t* tab,
                                                                       const float* ls, const float* asum, float* out64) {
     const int64_t ng = A.Kp / A.G, bpg = A.G / A.S, F = A.S / 4, nb = A.Kp / A.S;
-    const int bits = A.bits;
+    const int bits = A.bits, npairs = bits / 2, odd = bits & 1, qbytes = bits * 32;
     const __m512i mask = _mm512_set1_epi8(0x0F);
     const __m256i mask256 = _mm256_set1_epi8(0x0F);
+    const __m512i wp0 = _mm512_set1_epi16((short)(1 | (2 << 8))), wp1 = _mm512_set1_epi16((short)(4 | (8 << 8)));
+    const __m256i we = _mm256_set1_epi16((short)(1 << (bits - 1))), wo = _mm256_set1_epi16((short)((1 << (bits - 1)) << 8));
     __m256 o[8];
     for (int k = 0; k < 8; ++k) o[k] = _mm256_setzero_ps();
-    const uint8_t* w = A.w + tile * nb * bits * F * 32;
-    const int64_t F2 = F & ~int64_t(1);
+    const uint8_t* w = A.w + tile * nb * F * qbytes;
     for (int64_t g = 0; g < ng; ++g) {
         const float* sc = A.scale + (tile * ng + g) * TILE;
         for (int64_t bb = 0; bb < bpg; ++bb) {
             const int64_t b = g * bpg + bb;
             for (int ps = 0; ps < A.passes; ++ps) {
-            const int8_t* tb = tab + (ps * A.Kp / 4 + b * F) * 32;
-            const uint8_t* wb = w;
-            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-            for (int i = 0; i < bits; ++i) {
-                __m512i p[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
-                for (int64_t f = 0; f < F2; f += 2) {
-                    const __m512i t = _mm512_loadu_si512(tb + f * 32);
-                    const __m512i v = _mm512_loadu_si512(wb + f * 32);
-                    const __m512i lo = _mm512_and_si512(v, mask);
-                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-                    widen_add512(_mm512_shuffle_epi8(t, lo), p[0], p[1]);
-                    widen_add512(_mm512_shuffle_epi8(t, hi), p[2], p[3]);
+                const int8_t* tb = tab + (ps * A.Kp / 4 + b * F) * 32;
+                const uint8_t* wb = w;
+                __m512i accl = _mm512_setzero_si512(), acch = _mm512_setzero_si512();
+                __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+                for (int64_t f = 0; f < F; ++f) {
+                    const __m256i t256 = _mm256_loadu_si256((const __m256i*)(tb + f * 32));
+                    const __m512i t = _mm512_broadcast_i64x4(t256);
+                    for (int pp = 0; pp < npairs; ++pp) {
+                        const __m512i wpp = pp ? wp1 : wp0;
+                        const __m512i v = _mm512_loadu_si512(wb);
+                        accl = _mm512_add_epi16(accl, _mm512_maddubs_epi16(wpp, _mm512_shuffle_epi8(t, _mm512_and_si512(v, mask))));
+                        acch = _mm512_add_epi16(acch, _mm512_maddubs_epi16(wpp, _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask))));
+                        wb += 64;
+                    }
+                    if (odd) {
+                        single_avx2(t256, wb, mask256, we, wo, acc);
+                        wb += 32;
+                    }
                 }
-                __m256i q[4];
-                for (int a = 0; a < 4; ++a)
-                    q[a] = _mm256_add_epi16(_mm512_castsi512_si256(p[a]), _mm512_extracti64x4_epi64(p[a], 1));
-                if (F2 < F) quad_avx2(tb + F2 * 32, wb + F2 * 32, mask256, q);
-                wb += F * 32;
-                for (int a = 0; a < 4; ++a) acc[a] = _mm256_add_epi16(acc[a], _mm256_slli_epi16(q[a], i));
+                acc[0] = _mm256_add_epi16(acc[0], _mm512_castsi512_si256(accl));
+                acc[1] = _mm256_add_epi16(acc[1], _mm512_castsi512_si256(acch));
+                acc[2] = _mm256_add_epi16(acc[2], _mm512_extracti64x4_epi64(accl, 1));
+                acc[3] = _mm256_add_epi16(acc[3], _mm512_extracti64x4_epi64(acch, 1));
+                flush(acc, sc, ls[ps * nb + b], o);
             }
-            flush(acc, sc, ls[ps * nb + b], o);
-            }
-            w += bits * F * 32;
+            w += F * qbytes;
         }
         const float* zc = A.zcs + (tile * ng + g) * TILE;
         const __m256 s = _mm256_set1_ps(asum[g]);
-        for (int k = 0; k < 8; ++k) o[k] = _mm256_fnmadd_ps(_mm256_loadu_ps(zc + OFF[k]), s, o[k]);
+        for (int k = 0; k < 8; ++k) o[k] = _mm256_fnmadd_ps(_mm256_loadu_ps(zc + 8 * k), s, o[k]);
     }
-    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64 + OFF[k], o[k]);
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64 + 8 * k, o[k]);
 }
 
 int best_isa() {
@@ -326,7 +400,7 @@ struct Scratch {
 
 extern "C" {
 
-int ws_lut_abi_version() { return 4; }
+int ws_lut_abi_version() { return 6; }
 
 // 1 when built with OpenMP (the kernel shares torch's OpenMP threads), 0 with its own thread pool.
 int ws_lut_openmp() {
@@ -352,10 +426,12 @@ int ws_lut_isa() { return best_isa(); }
 
 // The tables of one token, for the Python emulation tests: tab [passes][Kp/4][32] int8,
 // ls [passes][Kp/S], asum [Kp/G].
-void ws_lut_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, int64_t S, int passes, int8_t* tab,
-                   float* ls, float* asum) {
+// isa: 0 scalar, 1 AVX2, 2 AVX-512, -1 the best this CPU has.
+void ws_lut_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, int64_t S, int passes, int isa,
+                   int8_t* tab, float* ls, float* asum) {
     std::vector<float> xs(Kp);
-    build_tables(x, perm, Kp, G, S, passes, xs.data(), tab, ls, asum);
+    const int have = best_isa();
+    build_tables(x, perm, Kp, G, S, passes, isa < 0 || isa > have ? have : isa, xs.data(), tab, ls, asum);
 }
 
 // y[M, N] = x[M, K] (gathered through perm [Kp]) times the packed weight, + bias (may be null).
@@ -376,7 +452,7 @@ int ws_lut_gemm(const uint8_t* w, const float* scale, const float* zcs, const in
     s.ls.resize((size_t)M * passes * nb);
     s.asum.resize((size_t)M * ng);
     for (int64_t m = 0; m < M; ++m)
-        build_tables(x + m * K, perm, Kp, G, S, passes, s.xs.data(), s.tab.data() + m * passes * nq * 32, s.ls.data() + m * passes * nb,
+        build_tables(x + m * K, perm, Kp, G, S, passes, isa, s.xs.data(), s.tab.data() + m * passes * nq * 32, s.ls.data() + m * passes * nb,
                      s.asum.data() + m * ng);
     const Args A{w, scale, zcs, N, Kp, G, S, bits, passes};
     const int64_t ntiles = (N + TILE - 1) / TILE;
