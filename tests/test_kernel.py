@@ -175,16 +175,20 @@ def test_use_kernel_false_is_the_dequant_path():
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     work = tmp_path_factory.mktemp("kernel")
-    src = save_pico(work / "pico", "llama", hidden=128, inter=192)
     outs = {}
-    for name, method, grid in [("w4g32", {"name": "rtn"}, {"bits": 4, "group_size": 32}),
-                               ("w2g64a", {"name": "gptq", "act_order": True}, {"bits": 2, "group_size": 64})]:
+    for name, arch, method, grid in [("w4g32", "llama", {"name": "rtn"}, {"bits": 4, "group_size": 32}),
+                                     ("w2g64a", "llama", {"name": "gptq", "act_order": True}, {"bits": 2, "group_size": 64}),
+                                     ("qwen2-w3g32a", "qwen2", {"name": "gptq", "act_order": True}, {"bits": 3, "group_size": 32}),
+                                     ("opt-w2-row", "opt", {"name": "rtn"}, {"bits": 2, "group_size": -1})]:
+        src = work / f"pico-{arch}"
+        if not src.exists():
+            save_pico(src, arch, hidden=128, inter=192)
         outs[name] = work / name
         weightsmith.quantize(src, {"method": method, "grid": grid}, calibration=calib_ids(), out=outs[name], progress=False)
     return outs
 
 
-@pytest.mark.parametrize("name", ["w4g32", "w2g64a"])
+@pytest.mark.parametrize("name", ["w4g32", "w2g64a", "qwen2-w3g32a", "opt-w2-row"])  # qwen2 and OPT: biases
 def test_loader_swaps_every_quantized_layer(quantized, name):
     from transformers import AutoModelForCausalLM
 
@@ -193,7 +197,7 @@ def test_loader_swaps_every_quantized_layer(quantized, name):
     ref = AutoModelForCausalLM.from_pretrained(quantized[name], dtype=torch.float32).eval()
     model, tok, info = load_lut_model(quantized[name])
     n_lut = sum(isinstance(m, LutLinear) for m in model.modules())
-    assert info["quantized_layers"] == n_lut == 14 and info["float_layers_kept"] == 0
+    assert info["quantized_layers"] == n_lut and n_lut >= 12 and info["float_layers_kept"] == 0
     assert info["packed_bytes"] < info["float_bytes"] / 3
     ids = calib_ids(1, 24)
     with torch.no_grad():
