@@ -334,54 +334,75 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Args& A, int64_t tile, 
 // ---------------------------------------------------------------- AVX-512 (BW)
 // A plane pair's 64-byte chunk in one zmm: the quad's table broadcast to the 4 lanes; low nibbles
 // give rows 0-15 (lanes 0-1) and 32-47 (lanes 2-3), high nibbles rows 16-31 and 48-63.
-__attribute__((target("avx512f,avx512bw,avx2,fma"))) void tile_avx512(const Args& A, int64_t tile, const int8_t* tab,
-                                                                      const float* ls, const float* asum, float* out64) {
+// NT tokens at once (prompts): the weight loads and nibble extraction are shared, the lookups not.
+template <int NT>
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) void tile_avx512(const Args& A, int64_t tile, const int8_t* const* tab,
+                                                                      const float* const* ls, const float* const* asum,
+                                                                      float* const* out64) {
     const int64_t ng = A.Kp / A.G, bpg = A.G / A.S, F = A.S / 4, nb = A.Kp / A.S;
     const int bits = A.bits, npairs = bits / 2, odd = bits & 1, qbytes = bits * 32;
     const __m512i mask = _mm512_set1_epi8(0x0F);
     const __m256i mask256 = _mm256_set1_epi8(0x0F);
     const __m512i wp0 = _mm512_set1_epi16((short)(1 | (2 << 8))), wp1 = _mm512_set1_epi16((short)(4 | (8 << 8)));
     const __m256i we = _mm256_set1_epi16((short)(1 << (bits - 1))), wo = _mm256_set1_epi16((short)((1 << (bits - 1)) << 8));
-    __m256 o[8];
-    for (int k = 0; k < 8; ++k) o[k] = _mm256_setzero_ps();
+    __m256 o[NT][8];
+    for (int n = 0; n < NT; ++n)
+        for (int k = 0; k < 8; ++k) o[n][k] = _mm256_setzero_ps();
     const uint8_t* w = A.w + tile * nb * F * qbytes;
     for (int64_t g = 0; g < ng; ++g) {
         const float* sc = A.scale + (tile * ng + g) * TILE;
         for (int64_t bb = 0; bb < bpg; ++bb) {
             const int64_t b = g * bpg + bb;
             for (int ps = 0; ps < A.passes; ++ps) {
-                const int8_t* tb = tab + (ps * A.Kp / 4 + b * F) * 32;
+                const int8_t* tb[NT];
+                for (int n = 0; n < NT; ++n) tb[n] = tab[n] + (ps * A.Kp / 4 + b * F) * 32;
                 const uint8_t* wb = w;
-                __m512i accl = _mm512_setzero_si512(), acch = _mm512_setzero_si512();
-                __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+                __m512i accl[NT], acch[NT];
+                __m256i acc[NT][4];
+                for (int n = 0; n < NT; ++n) {
+                    accl[n] = acch[n] = _mm512_setzero_si512();
+                    for (int a = 0; a < 4; ++a) acc[n][a] = _mm256_setzero_si256();
+                }
                 for (int64_t f = 0; f < F; ++f) {
-                    const __m256i t256 = _mm256_loadu_si256((const __m256i*)(tb + f * 32));
-                    const __m512i t = _mm512_broadcast_i64x4(t256);
+                    __m256i t256[NT];
+                    __m512i t[NT];
+                    for (int n = 0; n < NT; ++n) {
+                        t256[n] = _mm256_loadu_si256((const __m256i*)(tb[n] + f * 32));
+                        t[n] = _mm512_broadcast_i64x4(t256[n]);
+                    }
                     for (int pp = 0; pp < npairs; ++pp) {
                         const __m512i wpp = pp ? wp1 : wp0;
                         const __m512i v = _mm512_loadu_si512(wb);
-                        accl = _mm512_add_epi16(accl, _mm512_maddubs_epi16(wpp, _mm512_shuffle_epi8(t, _mm512_and_si512(v, mask))));
-                        acch = _mm512_add_epi16(acch, _mm512_maddubs_epi16(wpp, _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask))));
+                        const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                        for (int n = 0; n < NT; ++n) {
+                            accl[n] = _mm512_add_epi16(accl[n], _mm512_maddubs_epi16(wpp, _mm512_shuffle_epi8(t[n], lo)));
+                            acch[n] = _mm512_add_epi16(acch[n], _mm512_maddubs_epi16(wpp, _mm512_shuffle_epi8(t[n], hi)));
+                        }
                         wb += 64;
                     }
                     if (odd) {
-                        single_avx2(t256, wb, mask256, we, wo, acc);
+                        for (int n = 0; n < NT; ++n) single_avx2(t256[n], wb, mask256, we, wo, acc[n]);
                         wb += 32;
                     }
                 }
-                acc[0] = _mm256_add_epi16(acc[0], _mm512_castsi512_si256(accl));
-                acc[1] = _mm256_add_epi16(acc[1], _mm512_castsi512_si256(acch));
-                acc[2] = _mm256_add_epi16(acc[2], _mm512_extracti64x4_epi64(accl, 1));
-                acc[3] = _mm256_add_epi16(acc[3], _mm512_extracti64x4_epi64(acch, 1));
-                flush(acc, sc, ls[ps * nb + b], o);
+                for (int n = 0; n < NT; ++n) {
+                    acc[n][0] = _mm256_add_epi16(acc[n][0], _mm512_castsi512_si256(accl[n]));
+                    acc[n][1] = _mm256_add_epi16(acc[n][1], _mm512_castsi512_si256(acch[n]));
+                    acc[n][2] = _mm256_add_epi16(acc[n][2], _mm512_extracti64x4_epi64(accl[n], 1));
+                    acc[n][3] = _mm256_add_epi16(acc[n][3], _mm512_extracti64x4_epi64(acch[n], 1));
+                    flush(acc[n], sc, ls[n][ps * nb + b], o[n]);
+                }
             }
             w += F * qbytes;
         }
         const float* zc = A.zcs + (tile * ng + g) * TILE;
-        const __m256 s = _mm256_set1_ps(asum[g]);
-        for (int k = 0; k < 8; ++k) o[k] = _mm256_fnmadd_ps(_mm256_loadu_ps(zc + 8 * k), s, o[k]);
+        for (int n = 0; n < NT; ++n) {
+            const __m256 s = _mm256_set1_ps(asum[n][g]);
+            for (int k = 0; k < 8; ++k) o[n][k] = _mm256_fnmadd_ps(_mm256_loadu_ps(zc + 8 * k), s, o[n][k]);
+        }
     }
-    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64 + 8 * k, o[k]);
+    for (int n = 0; n < NT; ++n)
+        for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64[n] + 8 * k, o[n][k]);
 }
 
 int best_isa() {
@@ -461,21 +482,40 @@ int ws_lut_gemm(const uint8_t* w, const float* scale, const float* zcs, const in
     const int8_t* tab = s.tab.data();
     const float* ls = s.ls.data();
     const float* asum = s.asum.data();
+    constexpr int NT = 4;  // at most this many tokens per AVX-512 tile call (4, then 2, then 1)
     auto work = [&](int id, int n) {
         const int64_t t0 = ntiles * id / n, t1 = ntiles * (id + 1) / n;
-        alignas(64) float out64[TILE];
+        alignas(64) float out64[NT][TILE];
         for (int64_t t = t0; t < t1; ++t) {
             const int64_t rows = N - t * TILE < TILE ? N - t * TILE : TILE;
-            for (int64_t m = 0; m < M; ++m) {
-                if (isa == 2)
-                    tile_avx512(A, t, tab + m * passes * nq * 32, ls + m * passes * nb, asum + m * ng, out64);
+            for (int64_t m = 0; m < M;) {
+                const int nt_here = isa != 2 ? 1 : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+                const int8_t* tp[NT];
+                const float* lp[NT];
+                const float* ap[NT];
+                float* op[NT];
+                for (int j = 0; j < nt_here; ++j) {
+                    tp[j] = tab + (m + j) * passes * nq * 32;
+                    lp[j] = ls + (m + j) * passes * nb;
+                    ap[j] = asum + (m + j) * ng;
+                    op[j] = out64[j];
+                }
+                if (isa == 2 && nt_here == 4)
+                    tile_avx512<4>(A, t, tp, lp, ap, op);
+                else if (isa == 2 && nt_here == 2)
+                    tile_avx512<2>(A, t, tp, lp, ap, op);
+                else if (isa == 2)
+                    tile_avx512<1>(A, t, tp, lp, ap, op);
                 else
-                    tile_avx2(A, t, tab + m * passes * nq * 32, ls + m * passes * nb, asum + m * ng, out64);
-                float* yo = y + m * N + t * TILE;
-                if (bias)
-                    for (int64_t r = 0; r < rows; ++r) yo[r] = out64[r] + bias[t * TILE + r];
-                else
-                    std::memcpy(yo, out64, rows * sizeof(float));
+                    tile_avx2(A, t, tp[0], lp[0], ap[0], out64[0]);
+                for (int j = 0; j < nt_here; ++j) {
+                    float* yo = y + (m + j) * N + t * TILE;
+                    if (bias)
+                        for (int64_t r = 0; r < rows; ++r) yo[r] = out64[j][r] + bias[t * TILE + r];
+                    else
+                        std::memcpy(yo, out64[j], rows * sizeof(float));
+                }
+                m += nt_here;
             }
         }
     };
