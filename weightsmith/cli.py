@@ -1,4 +1,4 @@
-"""``weightsmith quantize|export|inspect|eval|demo`` — thin: parse arguments → typed config → API call."""
+"""``weightsmith quantize|export|inspect|eval|demo|run|bench-kernel`` — thin: parse arguments → typed config → API call."""
 from __future__ import annotations
 
 import argparse
@@ -326,6 +326,23 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(a: argparse.Namespace) -> int:
+    from .kernels.runtime import run
+
+    res = run(a.model, a.prompt, max_new_tokens=a.max_new_tokens, threads=a.threads, table_passes=a.table_passes)
+    print(res.pop("text"))
+    print(json.dumps(res), file=sys.stderr)
+    return 0
+
+
+def cmd_bench_kernel(a: argparse.Namespace) -> int:
+    from .kernels.runtime import bench_kernel
+
+    print(json.dumps(bench_kernel(a.quantized, threads=a.threads, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
+                                  table_passes=a.table_passes)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="weightsmith", description="Compress the weights of trained transformers block by block, and measure what it cost.")
     ap.add_argument("--version", action="version", version=f"weightsmith {__version__}")
@@ -371,6 +388,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nsamples", type=int, default=32)
     d.add_argument("--seqlen", type=int, default=256)
     d.set_defaults(fn=cmd_demo)
+
+    r = sub.add_parser("run", parents=[common], help="generate from a prompt with the quantized layers on the lookup-table CPU kernel",
+                       description="Load MODEL (a `weightsmith quantize` output) with transformers, put every quantized linear layer "
+                                   "on the lookup-table kernel (dequantized float fallback where the kernel is unavailable) and "
+                                   "decode greedily; the text goes to stdout, timings as JSON to stderr.")
+    r.add_argument("model", help="directory written by `weightsmith quantize` (1-4 bits)")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--threads", type=int, default=None, help="threads of the kernel and of torch (default: torch's)")
+    r.add_argument("--table-passes", type=int, choices=(1, 2), default=None,
+                   help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
+    r.set_defaults(fn=cmd_run)
+
+    bk = sub.add_parser("bench-kernel", parents=[common], help="decode tokens/s: lookup-table kernel vs the dequantized float path",
+                        description="Greedy batch-1 decoding of QUANTIZED, first through its dequantized float32 weights in torch, "
+                                    "then with the quantized layers on the lookup-table kernel: same model, prompt and threads. "
+                                    "Prints one JSON line (kernel_decode_tokens_per_s, dequant_decode_tokens_per_s, prompt tokens/s, ...).")
+    bk.add_argument("quantized", help="directory written by `weightsmith quantize` (1-4 bits)")
+    bk.add_argument("--threads", type=int, default=None, help="threads of the kernel and of torch (default: torch's)")
+    bk.add_argument("--prompt-tokens", type=int, default=64)
+    bk.add_argument("--new-tokens", type=int, default=128)
+    bk.add_argument("--table-passes", type=int, choices=(1, 2), default=None,
+                    help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
+    bk.set_defaults(fn=cmd_bench_kernel)
     return ap
 
 

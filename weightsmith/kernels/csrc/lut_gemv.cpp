@@ -1,0 +1,535 @@
+// Lookup-table low-bit matmul (T-MAC style) for weightsmith's uniform grids, W1-W4.
+//
+// y[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, g(k)]) * scale[n, g(k)]   (+ bias[n])
+//
+// The weight codes q are split into bit planes: q = sum_i 2^i * p_i with p_i in {0, 1}. For every
+// quad of 4 (permuted) activations a0..a3 and every 4-bit pattern idx, a 16-entry table holds
+//     T[idx] = sum_b (bit_b(idx) - 1/2) * a_b
+// (centred, so |T| <= sum|a|/2: one bit of range gained over the plain subset sums). Then
+//     sum_{k in quad} q_k a_k = sum_i 2^i T[p_i pattern] + (2^bits - 1)/2 * sum(a)
+// and the second term folds into the zero point: zc = zero - (2^bits - 1)/2.
+// Tables are quantized to int8 per token and per block of S activations (S divides the group
+// size, S <= 64): lut_scale = max_quad(sum|a|/2) / 127. With passes = 2 the rounding residual of
+// each entry is quantized again to int8 with lut_scale / 254 and looked up in a second pass over the
+// same weights (about 15-bit tables, twice the lookups): T ~ ls * q1 + ls / 254 * q2.
+//
+// Packed weight layout (built in weightsmith/kernels/lut.py), rows in tiles of 64:
+//     [tile][block][quad in block][bits * 32 bytes]
+// A quad's chunk (64 rows x bits planes x 4 columns) holds, for each pair of planes (2p, 2p+1), 64 bytes, then for an odd bit width
+// the last plane in 32 bytes. Each nibble is the 4 bits of one (row, plane) over the quad's 4
+// columns (bit b = column 4*quad + b). Plane pair, byte o = 32h + j (h = 0, 1; j = 0..31): low
+// nibble = row 32h + j/2, plane 2p + j%2; high nibble = row 32h + 16 + j/2, plane 2p + j%2. Odd
+// plane, byte j: low nibble = row j/2 + 16 (j%2), high nibble = row 32 + j/2 + 16 (j%2).
+// Scales: [tile][group][64] float; zc_scale = scale * zc, same layout.
+//
+// Inner loop: vpshufb looks up 32 (AVX2) or 64 (AVX-512) nibbles in the quad's table; vpmaddubsw
+// with weights (2^i, 2^(i+1)) widens the int8 lookups of a plane pair to int16 and combines the two
+// planes in one instruction, one int16 per row (natural order). Sums stay in int16 over a block
+// (|acc| <= 15 * 16 * 127 = 30480 < 32767 at 4 bits), are converted to float once per block and
+// scaled by scale * lut_scale. The zero term uses the float sum of each group's activations.
+#include <immintrin.h>
+
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int TILE = 64;
+constexpr int MAX_BLOCK = 64;  // activations per table-scale block (16 quads): int16-safe at 4 bits
+
+// ---------------------------------------------------------------- threads
+// Built with -fopenmp, the library's NEEDED libgomp.so.1 resolves to the copy torch has already
+// loaded (same soname), so the kernel runs on torch's own OpenMP team: no second set of threads
+// spinning against torch's on the same cores. Without OpenMP, this persistent pool (spins
+// briefly, then sleeps) is used instead.
+#ifndef _OPENMP
+class Pool {
+public:
+    ~Pool() {
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            stop_ = true;
+            ++gen_;
+        }
+        cv_.notify_all();
+        for (auto& t : workers_) t.join();
+    }
+    // Runs fn(0..n-1), fn(0) on the calling thread.
+    void run(int n, const std::function<void(int)>& fn) {
+        if (n <= 1) {
+            fn(0);
+            return;
+        }
+        std::lock_guard<std::mutex> call_lock(call_mu_);  // one parallel call at a time
+        while ((int)workers_.size() < n - 1) {
+            int id = (int)workers_.size() + 1;
+            workers_.emplace_back([this, id] { loop(id); });
+        }
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            fn_ = &fn;
+            active_ = n;
+            remaining_.store(n - 1);
+            gen_atomic_.store(gen_ + 1, std::memory_order_release);
+            ++gen_;
+        }
+        cv_.notify_all();
+        fn(0);
+        while (remaining_.load(std::memory_order_acquire) != 0) _mm_pause();
+    }
+
+private:
+    void loop(int id) {
+        long seen = 0;
+        for (;;) {
+            // spin a little (the next layer's call usually comes within microseconds), then sleep
+            bool woke = false;
+            for (int s = 0; s < 2000; ++s) {
+                if (gen_atomic_.load(std::memory_order_acquire) != seen) {
+                    woke = true;
+                    break;
+                }
+                _mm_pause();
+            }
+            const std::function<void(int)>* fn;
+            int active;
+            {
+                std::unique_lock<std::mutex> lk(mu_);
+                if (!woke) cv_.wait(lk, [&] { return gen_ != seen; });
+                if (stop_) return;
+                seen = gen_;
+                fn = fn_;
+                active = active_;
+            }
+            if (id < active) {
+                (*fn)(id);
+                remaining_.fetch_sub(1, std::memory_order_acq_rel);
+            }
+        }
+    }
+    std::vector<std::thread> workers_;
+    std::mutex mu_, call_mu_;
+    std::condition_variable cv_;
+    const std::function<void(int)>* fn_ = nullptr;
+    int active_ = 0;
+    long gen_ = 0;
+    std::atomic<long> gen_atomic_{0};
+    std::atomic<int> remaining_{0};
+    bool stop_ = false;
+};
+
+Pool& pool() {
+    static Pool p;
+    return p;
+}
+#endif
+
+// ---------------------------------------------------------------- tables
+// For one token: gathered activations -> int8 tables [Kp/4][32] (16 entries, duplicated for both
+// 128-bit lanes), lut scales [Kp/S], group sums [n_groups]. Plain float code, compiled without
+// FMA contraction, so that the Python emulation (lut.py) reproduces it bit for bit.
+// The 16 centred entries of one quad, c[idx] = ((e0 a0 + e1 a1) + e2 a2) + e3 a3 with
+// e_b = +1/2 if bit b of idx is set, else -1/2 (the products are exact), quantized:
+// q1 = round(c * inv), and for 2 passes q2 = round((c - q1 * ls) * inv2). Each variant below does
+// the same IEEE operations in the same order, so all three (and the torch emulation) agree bit for bit.
+constexpr float E[4][16] = {
+    {-.5f, .5f, -.5f, .5f, -.5f, .5f, -.5f, .5f, -.5f, .5f, -.5f, .5f, -.5f, .5f, -.5f, .5f},
+    {-.5f, -.5f, .5f, .5f, -.5f, -.5f, .5f, .5f, -.5f, -.5f, .5f, .5f, -.5f, -.5f, .5f, .5f},
+    {-.5f, -.5f, -.5f, -.5f, .5f, .5f, .5f, .5f, -.5f, -.5f, -.5f, -.5f, .5f, .5f, .5f, .5f},
+    {-.5f, -.5f, -.5f, -.5f, -.5f, -.5f, -.5f, -.5f, .5f, .5f, .5f, .5f, .5f, .5f, .5f, .5f}};
+
+inline float clamp127(float v) { return v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v); }
+
+void quad_tables_scalar(const float* a, float inv, float ls, float inv2, int passes, int8_t* o, int8_t* o2) {
+    for (int i = 0; i < 16; ++i) {
+        const float c = ((E[0][i] * a[0] + E[1][i] * a[1]) + E[2][i] * a[2]) + E[3][i] * a[3];
+        const float v = clamp127(std::nearbyint(c * inv));
+        o[i] = o[16 + i] = (int8_t)v;
+        if (passes == 2) {
+            const float v2 = clamp127(std::nearbyint((c - v * ls) * inv2));
+            o2[i] = o2[16 + i] = (int8_t)v2;
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) inline __m128i pack16_avx2(__m256 lo, __m256 hi) {
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(lo), _mm256_cvtps_epi32(hi)), 0xD8);
+    return _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+}
+
+__attribute__((target("avx2,fma"))) void quad_tables_avx2(const float* a, float inv, float ls, float inv2, int passes,
+                                                          int8_t* o, int8_t* o2) {
+    const __m256 lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
+    __m256 c[2], v[2], v2[2];
+    for (int h = 0; h < 2; ++h) {
+        __m256 t = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(E[0] + 8 * h), _mm256_set1_ps(a[0])),
+                                 _mm256_mul_ps(_mm256_loadu_ps(E[1] + 8 * h), _mm256_set1_ps(a[1])));
+        t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_loadu_ps(E[2] + 8 * h), _mm256_set1_ps(a[2])));
+        c[h] = _mm256_add_ps(t, _mm256_mul_ps(_mm256_loadu_ps(E[3] + 8 * h), _mm256_set1_ps(a[3])));
+        v[h] = _mm256_min_ps(lim, _mm256_max_ps(nlim, _mm256_round_ps(_mm256_mul_ps(c[h], _mm256_set1_ps(inv)),
+                                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    }
+    const __m128i q = pack16_avx2(v[0], v[1]);
+    _mm_storeu_si128((__m128i*)o, q);
+    _mm_storeu_si128((__m128i*)(o + 16), q);
+    if (passes == 2) {
+        for (int h = 0; h < 2; ++h) {
+            const __m256 r = _mm256_sub_ps(c[h], _mm256_mul_ps(v[h], _mm256_set1_ps(ls)));
+            v2[h] = _mm256_min_ps(lim, _mm256_max_ps(nlim, _mm256_round_ps(_mm256_mul_ps(r, _mm256_set1_ps(inv2)),
+                                                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        }
+        const __m128i q2 = pack16_avx2(v2[0], v2[1]);
+        _mm_storeu_si128((__m128i*)o2, q2);
+        _mm_storeu_si128((__m128i*)(o2 + 16), q2);
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) void quad_tables_avx512(const float* a, float inv, float ls, float inv2,
+                                                                            int passes, int8_t* o, int8_t* o2) {
+    const __m512 lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f);
+    __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(E[0]), _mm512_set1_ps(a[0])),
+                             _mm512_mul_ps(_mm512_loadu_ps(E[1]), _mm512_set1_ps(a[1])));
+    t = _mm512_add_ps(t, _mm512_mul_ps(_mm512_loadu_ps(E[2]), _mm512_set1_ps(a[2])));
+    const __m512 c = _mm512_add_ps(t, _mm512_mul_ps(_mm512_loadu_ps(E[3]), _mm512_set1_ps(a[3])));
+    const __m512 v = _mm512_min_ps(lim, _mm512_max_ps(nlim, _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(inv)),
+                                                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    const __m128i q = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));
+    _mm_storeu_si128((__m128i*)o, q);
+    _mm_storeu_si128((__m128i*)(o + 16), q);
+    if (passes == 2) {
+        const __m512 r = _mm512_sub_ps(c, _mm512_mul_ps(v, _mm512_set1_ps(ls)));
+        const __m512 v2 = _mm512_min_ps(lim, _mm512_max_ps(nlim, _mm512_roundscale_ps(_mm512_mul_ps(r, _mm512_set1_ps(inv2)),
+                                                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        const __m128i q2 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v2));
+        _mm_storeu_si128((__m128i*)o2, q2);
+        _mm_storeu_si128((__m128i*)(o2 + 16), q2);
+    }
+}
+
+// tab: [passes][Kp/4][32], lscale: [passes][Kp/S]. isa 0: scalar, 1: AVX2, 2: AVX-512.
+void build_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, int64_t S, int passes, int isa,
+                  float* xs, int8_t* tab, float* lscale, float* asum) {
+    for (int64_t k = 0; k < Kp; ++k) xs[k] = perm[k] >= 0 ? x[perm[k]] : 0.0f;
+    const int64_t ng = Kp / G, nb = Kp / S, F = S / 4;
+    for (int64_t g = 0; g < ng; ++g) {
+        float s = 0.0f;
+        for (int64_t k = g * G; k < (g + 1) * G; ++k) s += xs[k];
+        asum[g] = s;
+    }
+    auto quad = isa == 2 ? quad_tables_avx512 : isa == 1 ? quad_tables_avx2 : quad_tables_scalar;
+    for (int64_t b = 0; b < nb; ++b) {
+        float mx = 0.0f;
+        for (int64_t f = 0; f < F; ++f) {
+            const float* a = xs + (b * F + f) * 4;
+            float m = (((std::fabs(a[0]) + std::fabs(a[1])) + std::fabs(a[2])) + std::fabs(a[3])) * 0.5f;
+            mx = m > mx ? m : mx;
+        }
+        const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+        const float ls = mx > 0.0f ? mx / 127.0f : 0.0f;
+        const float inv2 = inv * 254.0f, ls2 = ls / 254.0f;
+        lscale[b] = ls;
+        if (passes == 2) lscale[nb + b] = ls2;
+        for (int64_t f = 0; f < F; ++f)
+            quad(xs + (b * F + f) * 4, inv, ls, inv2, passes, tab + (b * F + f) * 32, tab + (Kp / 4 + b * F + f) * 32);
+    }
+}
+
+struct Args {
+    const uint8_t* w;
+    const float* scale;
+    const float* zcs;
+    int64_t N, Kp, G, S;
+    int bits, passes;
+};
+
+// ---------------------------------------------------------------- AVX2
+// vpmaddubsw(weights u8, lookups s8) sums adjacent byte pairs into int16: with the pair (plane i,
+// plane i+1) of the same row in adjacent bytes and weights (2^i, 2^(i+1)), one instruction widens
+// the lookups, combines the two planes and leaves one int16 per row, in natural row order.
+__attribute__((target("avx2,fma"))) inline void flush(const __m256i acc[4], const float* sc, float ls, __m256* o) {
+    const __m256 l = _mm256_set1_ps(ls);
+    for (int a = 0; a < 4; ++a) {  // acc[a] = rows 16a .. 16a+15
+        __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[a])));
+        __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[a], 1)));
+        o[2 * a] = _mm256_fmadd_ps(f0, _mm256_mul_ps(_mm256_loadu_ps(sc + 16 * a), l), o[2 * a]);
+        o[2 * a + 1] = _mm256_fmadd_ps(f1, _mm256_mul_ps(_mm256_loadu_ps(sc + 16 * a + 8), l), o[2 * a + 1]);
+    }
+}
+
+// The odd last plane of one quad (32 bytes, 64 rows): even bytes and odd bytes go to different rows.
+__attribute__((target("avx2,fma"))) inline void single_avx2(__m256i t, const uint8_t* w, __m256i mask, __m256i we, __m256i wo,
+                                                            __m256i acc[4]) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)w);
+    const __m256i rl = _mm256_shuffle_epi8(t, _mm256_and_si256(v, mask));
+    const __m256i rh = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+    acc[0] = _mm256_add_epi16(acc[0], _mm256_maddubs_epi16(we, rl));
+    acc[1] = _mm256_add_epi16(acc[1], _mm256_maddubs_epi16(wo, rl));
+    acc[2] = _mm256_add_epi16(acc[2], _mm256_maddubs_epi16(we, rh));
+    acc[3] = _mm256_add_epi16(acc[3], _mm256_maddubs_epi16(wo, rh));
+}
+
+__attribute__((target("avx2,fma"))) inline __m256i pair_weights(int i, int bits) {
+    // bytes (2^i, 2^(i+1)) for a plane pair; (2^i, 0) / (0, 2^i) for the odd plane (see single_avx2)
+    (void)bits;
+    return _mm256_set1_epi16((short)((1 << i) | ((1 << (i + 1)) << 8)));
+}
+
+// One tile of 64 rows, one token: the 64 outputs in natural row order into out64.
+__attribute__((target("avx2,fma"))) void tile_avx2(const Args& A, int64_t tile, const int8_t* tab, const float* ls,
+                                                   const float* asum, float* out64) {
+    const int64_t ng = A.Kp / A.G, bpg = A.G / A.S, F = A.S / 4, nb = A.Kp / A.S;
+    const int bits = A.bits, npairs = bits / 2, odd = bits & 1, qbytes = bits * 32;
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i wp0 = pair_weights(0, bits), wp1 = pair_weights(2, bits);
+    const __m256i we = _mm256_set1_epi16((short)(1 << (bits - 1))), wo = _mm256_set1_epi16((short)((1 << (bits - 1)) << 8));
+    __m256 o[8];
+    for (int k = 0; k < 8; ++k) o[k] = _mm256_setzero_ps();
+    const uint8_t* w = A.w + tile * nb * F * qbytes;
+    for (int64_t g = 0; g < ng; ++g) {
+        const float* sc = A.scale + (tile * ng + g) * TILE;
+        for (int64_t bb = 0; bb < bpg; ++bb) {
+            const int64_t b = g * bpg + bb;
+            for (int ps = 0; ps < A.passes; ++ps) {
+                const int8_t* tb = tab + (ps * A.Kp / 4 + b * F) * 32;
+                const uint8_t* wb = w;
+                __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+                for (int64_t f = 0; f < F; ++f) {
+                    const __m256i t = _mm256_loadu_si256((const __m256i*)(tb + f * 32));
+                    for (int pp = 0; pp < npairs; ++pp) {
+                        const __m256i wpp = pp ? wp1 : wp0;
+                        const __m256i va = _mm256_loadu_si256((const __m256i*)wb);
+                        const __m256i vb = _mm256_loadu_si256((const __m256i*)(wb + 32));
+                        acc[0] = _mm256_add_epi16(acc[0], _mm256_maddubs_epi16(wpp, _mm256_shuffle_epi8(t, _mm256_and_si256(va, mask))));
+                        acc[1] = _mm256_add_epi16(acc[1], _mm256_maddubs_epi16(wpp, _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(va, 4), mask))));
+                        acc[2] = _mm256_add_epi16(acc[2], _mm256_maddubs_epi16(wpp, _mm256_shuffle_epi8(t, _mm256_and_si256(vb, mask))));
+                        acc[3] = _mm256_add_epi16(acc[3], _mm256_maddubs_epi16(wpp, _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(vb, 4), mask))));
+                        wb += 64;
+                    }
+                    if (odd) {
+                        single_avx2(t, wb, mask, we, wo, acc);
+                        wb += 32;
+                    }
+                }
+                flush(acc, sc, ls[ps * nb + b], o);
+            }
+            w += F * qbytes;
+        }
+        const float* zc = A.zcs + (tile * ng + g) * TILE;
+        const __m256 s = _mm256_set1_ps(asum[g]);
+        for (int k = 0; k < 8; ++k) o[k] = _mm256_fnmadd_ps(_mm256_loadu_ps(zc + 8 * k), s, o[k]);
+    }
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64 + 8 * k, o[k]);
+}
+
+// ---------------------------------------------------------------- AVX-512 (BW)
+// A plane pair's 64-byte chunk in one zmm: the quad's table broadcast to the 4 lanes; low nibbles
+// give rows 0-15 (lanes 0-1) and 32-47 (lanes 2-3), high nibbles rows 16-31 and 48-63.
+// NT tokens at once (prompts): the weight loads and nibble extraction are shared, the lookups not.
+template <int NT>
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) void tile_avx512(const Args& A, int64_t tile, const int8_t* const* tab,
+                                                                      const float* const* ls, const float* const* asum,
+                                                                      float* const* out64) {
+    const int64_t ng = A.Kp / A.G, bpg = A.G / A.S, F = A.S / 4, nb = A.Kp / A.S;
+    const int bits = A.bits, npairs = bits / 2, odd = bits & 1, qbytes = bits * 32;
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    const __m256i mask256 = _mm256_set1_epi8(0x0F);
+    const __m512i wp0 = _mm512_set1_epi16((short)(1 | (2 << 8))), wp1 = _mm512_set1_epi16((short)(4 | (8 << 8)));
+    const __m256i we = _mm256_set1_epi16((short)(1 << (bits - 1))), wo = _mm256_set1_epi16((short)((1 << (bits - 1)) << 8));
+    __m256 o[NT][8];
+    for (int n = 0; n < NT; ++n)
+        for (int k = 0; k < 8; ++k) o[n][k] = _mm256_setzero_ps();
+    const uint8_t* w = A.w + tile * nb * F * qbytes;
+    for (int64_t g = 0; g < ng; ++g) {
+        const float* sc = A.scale + (tile * ng + g) * TILE;
+        for (int64_t bb = 0; bb < bpg; ++bb) {
+            const int64_t b = g * bpg + bb;
+            for (int ps = 0; ps < A.passes; ++ps) {
+                const int8_t* tb[NT];
+                for (int n = 0; n < NT; ++n) tb[n] = tab[n] + (ps * A.Kp / 4 + b * F) * 32;
+                const uint8_t* wb = w;
+                __m512i accl[NT], acch[NT];
+                __m256i acc[NT][4];
+                for (int n = 0; n < NT; ++n) {
+                    accl[n] = acch[n] = _mm512_setzero_si512();
+                    for (int a = 0; a < 4; ++a) acc[n][a] = _mm256_setzero_si256();
+                }
+                for (int64_t f = 0; f < F; ++f) {
+                    __m256i t256[NT];
+                    __m512i t[NT];
+                    for (int n = 0; n < NT; ++n) {
+                        t256[n] = _mm256_loadu_si256((const __m256i*)(tb[n] + f * 32));
+                        t[n] = _mm512_broadcast_i64x4(t256[n]);
+                    }
+                    for (int pp = 0; pp < npairs; ++pp) {
+                        const __m512i wpp = pp ? wp1 : wp0;
+                        const __m512i v = _mm512_loadu_si512(wb);
+                        const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                        for (int n = 0; n < NT; ++n) {
+                            accl[n] = _mm512_add_epi16(accl[n], _mm512_maddubs_epi16(wpp, _mm512_shuffle_epi8(t[n], lo)));
+                            acch[n] = _mm512_add_epi16(acch[n], _mm512_maddubs_epi16(wpp, _mm512_shuffle_epi8(t[n], hi)));
+                        }
+                        wb += 64;
+                    }
+                    if (odd) {
+                        for (int n = 0; n < NT; ++n) single_avx2(t256[n], wb, mask256, we, wo, acc[n]);
+                        wb += 32;
+                    }
+                }
+                for (int n = 0; n < NT; ++n) {
+                    acc[n][0] = _mm256_add_epi16(acc[n][0], _mm512_castsi512_si256(accl[n]));
+                    acc[n][1] = _mm256_add_epi16(acc[n][1], _mm512_castsi512_si256(acch[n]));
+                    acc[n][2] = _mm256_add_epi16(acc[n][2], _mm512_extracti64x4_epi64(accl[n], 1));
+                    acc[n][3] = _mm256_add_epi16(acc[n][3], _mm512_extracti64x4_epi64(acch[n], 1));
+                    flush(acc[n], sc, ls[n][ps * nb + b], o[n]);
+                }
+            }
+            w += F * qbytes;
+        }
+        const float* zc = A.zcs + (tile * ng + g) * TILE;
+        for (int n = 0; n < NT; ++n) {
+            const __m256 s = _mm256_set1_ps(asum[n][g]);
+            for (int k = 0; k < 8; ++k) o[n][k] = _mm256_fnmadd_ps(_mm256_loadu_ps(zc + 8 * k), s, o[n][k]);
+        }
+    }
+    for (int n = 0; n < NT; ++n)
+        for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64[n] + 8 * k, o[n][k]);
+}
+
+int best_isa() {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+}
+
+struct Scratch {
+    std::vector<float> xs, ls, asum;
+    std::vector<int8_t> tab;
+};
+
+}  // namespace
+
+extern "C" {
+
+int ws_lut_abi_version() { return 6; }
+
+// 1 when built with OpenMP (the kernel shares torch's OpenMP threads), 0 with its own thread pool.
+int ws_lut_openmp() {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// The address of the OpenMP runtime's omp_get_num_threads this library resolved to (null without
+// OpenMP): tells which libgomp the kernel runs on.
+const void* ws_lut_omp_symbol() {
+#ifdef _OPENMP
+    return (const void*)&omp_get_num_threads;
+#else
+    return nullptr;
+#endif
+}
+
+// 0: no supported instruction set (the caller must use the dequantize path), 1: AVX2, 2: AVX-512BW.
+int ws_lut_isa() { return best_isa(); }
+
+// The tables of one token, for the Python emulation tests: tab [passes][Kp/4][32] int8,
+// ls [passes][Kp/S], asum [Kp/G].
+// isa: 0 scalar, 1 AVX2, 2 AVX-512, -1 the best this CPU has.
+void ws_lut_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, int64_t S, int passes, int isa,
+                   int8_t* tab, float* ls, float* asum) {
+    std::vector<float> xs(Kp);
+    const int have = best_isa();
+    build_tables(x, perm, Kp, G, S, passes, isa < 0 || isa > have ? have : isa, xs.data(), tab, ls, asum);
+}
+
+// y[M, N] = x[M, K] (gathered through perm [Kp]) times the packed weight, + bias (may be null).
+// Returns 0 on success, negative on bad arguments / unsupported isa.
+int ws_lut_gemm(const uint8_t* w, const float* scale, const float* zcs, const int32_t* perm, const float* bias,
+                const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t Kp, int64_t G, int64_t S, int bits,
+                int passes, int threads, int isa) {
+    if (passes < 1 || passes > 2 || bits < 1 || bits > 4 || G <= 0 || S <= 0 || S % 4 || G % S || Kp % G || S > MAX_BLOCK || M < 0 || N < 0)
+        return -1;
+    const int have = best_isa();
+    if (isa < 0) isa = have;
+    if (isa == 0 || isa > have) return -2;
+    if (M == 0 || N == 0) return 0;
+    const int64_t nq = Kp / 4, nb = Kp / S, ng = Kp / G;
+    thread_local Scratch s;
+    s.xs.resize(Kp);
+    s.tab.resize((size_t)M * passes * nq * 32);
+    s.ls.resize((size_t)M * passes * nb);
+    s.asum.resize((size_t)M * ng);
+    for (int64_t m = 0; m < M; ++m)
+        build_tables(x + m * K, perm, Kp, G, S, passes, isa, s.xs.data(), s.tab.data() + m * passes * nq * 32, s.ls.data() + m * passes * nb,
+                     s.asum.data() + m * ng);
+    const Args A{w, scale, zcs, N, Kp, G, S, bits, passes};
+    const int64_t ntiles = (N + TILE - 1) / TILE;
+    int nt = threads < 1 ? 1 : threads;
+    if (nt > ntiles) nt = (int)ntiles;
+    const int8_t* tab = s.tab.data();
+    const float* ls = s.ls.data();
+    const float* asum = s.asum.data();
+    constexpr int NT = 4;  // at most this many tokens per AVX-512 tile call (4, then 2, then 1)
+    auto work = [&](int id, int n) {
+        const int64_t t0 = ntiles * id / n, t1 = ntiles * (id + 1) / n;
+        alignas(64) float out64[NT][TILE];
+        for (int64_t t = t0; t < t1; ++t) {
+            const int64_t rows = N - t * TILE < TILE ? N - t * TILE : TILE;
+            for (int64_t m = 0; m < M;) {
+                const int nt_here = isa != 2 ? 1 : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+                const int8_t* tp[NT];
+                const float* lp[NT];
+                const float* ap[NT];
+                float* op[NT];
+                for (int j = 0; j < nt_here; ++j) {
+                    tp[j] = tab + (m + j) * passes * nq * 32;
+                    lp[j] = ls + (m + j) * passes * nb;
+                    ap[j] = asum + (m + j) * ng;
+                    op[j] = out64[j];
+                }
+                if (isa == 2 && nt_here == 4)
+                    tile_avx512<4>(A, t, tp, lp, ap, op);
+                else if (isa == 2 && nt_here == 2)
+                    tile_avx512<2>(A, t, tp, lp, ap, op);
+                else if (isa == 2)
+                    tile_avx512<1>(A, t, tp, lp, ap, op);
+                else
+                    tile_avx2(A, t, tp[0], lp[0], ap[0], out64[0]);
+                for (int j = 0; j < nt_here; ++j) {
+                    float* yo = y + (m + j) * N + t * TILE;
+                    if (bias)
+                        for (int64_t r = 0; r < rows; ++r) yo[r] = out64[j][r] + bias[t * TILE + r];
+                    else
+                        std::memcpy(yo, out64[j], rows * sizeof(float));
+                }
+                m += nt_here;
+            }
+        }
+    };
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        work(omp_get_thread_num(), omp_get_num_threads());
+    } else {
+        work(0, 1);
+    }
+#else
+    pool().run(nt, [&](int id) { work(id, nt); });
+#endif
+    return 0;
+}
+
+}  // extern "C"

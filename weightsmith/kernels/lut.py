@@ -1,0 +1,415 @@
+"""Lookup-table (T-MAC style) low-bit matmul: weight packing, the compiled library, and a pure-torch
+emulation of exactly what the kernel computes (for the tests).
+
+The algorithm and the packed layout are described at the top of ``csrc/lut_gemv.cpp``. In short:
+the codes of a layer are split into bit planes; for every quad of 4 activations a 16-entry table
+of centred partial sums is built once per token and quantized to int8 (one scale per token and
+per block of ``S`` activations); the matmul is then ``vpshufb`` lookups of 64 rows at a time,
+summed in int16 per block, scaled in float by ``scale * lut_scale``; the zero point is applied
+through the float sum of each group's activations.
+
+Act-order (any ``g_idx``) is handled at pack time: columns are sorted by group, each group padded
+to a common size ``G`` (a multiple of 4); at run time the activations are gathered once per token
+through ``perm`` (padding reads as 0).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("weightsmith")
+
+TILE = 64
+MAX_BLOCK = 64
+SRC = Path(__file__).parent / "csrc" / "lut_gemv.cpp"
+ABI_VERSION = 6
+CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fopenmp"]
+ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
+
+
+# ----------------------------------------------------------------------------------- packing
+@dataclass
+class PackedLayer:
+    """A quantized linear layer in the kernel's layout (see ``csrc/lut_gemv.cpp``)."""
+
+    w: torch.Tensor  # uint8 [tiles][blocks][S/4 quads][bits * 32]
+    scale: torch.Tensor  # float32 [tiles][groups][64]
+    zcs: torch.Tensor  # float32 [tiles][groups][64]: scale * (zero - (2**bits - 1) / 2)
+    perm: torch.Tensor  # int32 [Kp]: source column of each packed column, -1 = padding
+    out_features: int
+    in_features: int
+    group: int  # G: packed columns per group (multiple of 4)
+    block: int  # S: activations per table scale (divides G, <= 64)
+    bits: int
+
+    @property
+    def kp(self) -> int:
+        return int(self.perm.numel())
+
+    @property
+    def n_groups(self) -> int:
+        return self.kp // self.group
+
+    @property
+    def tiles(self) -> int:
+        return (self.out_features + TILE - 1) // TILE
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.zcs, self.perm))
+
+
+def _chunk_map(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each byte of a quad's ``bits * 32``-byte chunk: (row, plane) of its low nibble and of its
+    high nibble (the layout of ``csrc/lut_gemv.cpp``)."""
+    rl, pl, rh, ph = [], [], [], []
+    for pp in range(bits // 2):
+        for o in range(64):
+            h, j = divmod(o, 32)
+            rl.append(32 * h + j // 2)
+            rh.append(32 * h + 16 + j // 2)
+            pl.append(2 * pp + j % 2)
+            ph.append(2 * pp + j % 2)
+    if bits % 2:
+        for j in range(32):
+            rl.append(j // 2 + 16 * (j % 2))
+            rh.append(32 + j // 2 + 16 * (j % 2))
+            pl.append(bits - 1)
+            ph.append(bits - 1)
+    return tuple(torch.tensor(v) for v in (rl, pl, rh, ph))
+
+
+def _nibbles(p: "PackedLayer") -> torch.Tensor:
+    """The packed weight back as nibbles (bits, rows padded to 64, quads): bit b of
+    ``[i, n, q]`` = plane i of the code at row n, packed column 4q + b."""
+    T, nb, F = p.tiles, p.kp // p.block, p.block // 4
+    rl, pl, rh, ph = _chunk_map(p.bits)
+    w4 = p.w.view(T, nb, F, p.bits * 32).permute(3, 0, 1, 2)  # (C, T, nb, F)
+    nib = torch.zeros(p.bits, T, TILE, nb, F, dtype=torch.uint8)
+    nib[pl, :, rl] = w4 & 15
+    nib[ph, :, rh] = w4 >> 4
+    return nib.reshape(p.bits, T * TILE, p.kp // 4)
+
+
+def _block_size(G: int, limit: int = MAX_BLOCK) -> int:
+    """Activations per table scale: the largest multiple of 4 dividing ``G`` and at most ``limit``."""
+    return max(s for s in range(4, min(limit, MAX_BLOCK) + 1, 4) if G % s == 0)
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, bits: int,
+         max_block: int | None = None) -> PackedLayer:
+    """Repack integer codes ``q`` (out, in) with per-group ``scale``/``zero`` (out, n_groups) and
+    ``g_idx`` (in,) into bit planes for the kernel: ``w = (q - zero[:, g_idx]) * scale[:, g_idx]``."""
+    if not 1 <= bits <= 4:
+        raise ValueError(f"the lookup-table kernel handles 1 to 4 bits, not {bits}")
+    N, K = q.shape
+    ng = scale.shape[1]
+    if zero.shape != scale.shape or g_idx.shape != (K,) or scale.shape[0] != N:
+        raise ValueError(f"inconsistent qparams: q {tuple(q.shape)}, scale {tuple(scale.shape)}, zero {tuple(zero.shape)}, g_idx {tuple(g_idx.shape)}")
+    gi = g_idx.long()
+    counts = torch.bincount(gi, minlength=ng)
+    G = max(4, (int(counts.max()) + 3) // 4 * 4) if K else 4
+    Kp = ng * G
+    order = torch.argsort(gi, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    dest = gi[order] * G + (torch.arange(K) - starts[gi[order]])
+    perm = torch.full((Kp,), -1, dtype=torch.int32)
+    perm[dest] = order.to(torch.int32)
+    S = _block_size(G, max_block or int(os.environ.get("WEIGHTSMITH_LUT_BLOCK", MAX_BLOCK)))
+    F, nb, nq = S // 4, Kp // S, Kp // 4
+    T = (N + TILE - 1) // TILE
+    Np = T * TILE
+    qp = torch.zeros(Np, Kp, dtype=torch.uint8)
+    qp[:N, dest] = q[:, order].to(torch.uint8)
+    nibs = []
+    for i in range(bits):
+        bit = ((qp >> i) & 1).view(Np, nq, 4)
+        nibs.append(bit[..., 0] | (bit[..., 1] << 1) | (bit[..., 2] << 2) | (bit[..., 3] << 3))  # (Np, nq)
+    nib = torch.stack(nibs).view(bits, T, TILE, nb, F)
+    rl, pl, rh, ph = _chunk_map(bits)
+    w = (nib[pl, :, rl] | (nib[ph, :, rh] << 4)).permute(1, 2, 3, 0).contiguous()  # (T, nb, F, bits * 32)
+    sc = torch.zeros(Np, ng, dtype=torch.float32)
+    sc[:N] = scale.float()
+    zc = torch.zeros(Np, ng, dtype=torch.float32)
+    zc[:N] = scale.float() * (zero.float() - (2**bits - 1) / 2)
+    lay = lambda t: t.view(T, TILE, ng).permute(0, 2, 1).contiguous()  # noqa: E731
+    return PackedLayer(w.view(-1), lay(sc), lay(zc), perm, N, K, G, S, bits)
+
+
+def unpack(p: PackedLayer) -> torch.Tensor:
+    """The dequantized float32 weight (out, in), read back from the packed form (the reference path)."""
+    T, ng, G = p.tiles, p.n_groups, p.group
+    Np = T * TILE
+    nib = _nibbles(p)
+    code = torch.zeros(Np, p.kp, dtype=torch.float32)
+    for i in range(p.bits):
+        bit = torch.stack([(nib[i] >> b) & 1 for b in range(4)], -1).reshape(Np, p.kp)
+        code += bit.float() * 2**i
+    sc = p.scale.permute(0, 2, 1).reshape(Np, ng).repeat_interleave(G, 1)
+    zc = p.zcs.permute(0, 2, 1).reshape(Np, ng).repeat_interleave(G, 1)
+    wp = code * sc - (zc + (2**p.bits - 1) / 2 * sc)
+    out = torch.zeros(p.out_features, p.in_features, dtype=torch.float32)
+    valid = p.perm >= 0
+    out[:, p.perm[valid].long()] = wp[: p.out_features, valid]
+    return out
+
+
+# ----------------------------------------------------------------------------------- emulation
+def tables(p: PackedLayer, x: torch.Tensor, passes: int = 1):
+    """The int8 tables the kernel builds for activations ``x`` (M, in): ``(tq (passes, M, Kp/4, 16) int8,
+    lut_scale (passes, M, Kp/S), asum (M, n_groups) float64)``, with the kernel's float32 operations in
+    the same order. Pass 2 (if any) holds the rounding residual of pass 1 at 1/254 of its scale."""
+    x = x.float()
+    M = x.shape[0]
+    xs = torch.zeros(M, p.kp, dtype=torch.float32)
+    valid = p.perm >= 0
+    xs[:, valid] = x[:, p.perm[valid].long()]
+    a = xs.view(M, -1, 4)
+    a0, a1, a2, a3 = a.unbind(-1)
+    idx = torch.arange(16)
+    e = [(((idx >> b) & 1).float() - 0.5) for b in range(4)]  # ±1/2: the products are exact
+    c = ((e[0] * a0[..., None] + e[1] * a1[..., None]) + e[2] * a2[..., None]) + e[3] * a3[..., None]
+    mx = (((a0.abs() + a1.abs()) + a2.abs()) + a3.abs()) * 0.5
+    bm = mx.view(M, -1, p.block // 4).amax(-1)
+    pos = bm > 0
+    safe = torch.where(pos, bm, torch.ones_like(bm))
+    inv = torch.where(pos, torch.full_like(bm, 127.0) / safe, torch.zeros_like(bm))
+    ls = torch.where(pos, safe / 127.0, torch.zeros_like(bm))
+    invq = inv.repeat_interleave(p.block // 4, 1)
+    v = torch.round(c * invq[..., None]).clamp(-127, 127)
+    tqs, lss = [v.to(torch.int8)], [ls]
+    if passes == 2:
+        inv2, ls2 = inv * 254.0, ls / 254.0
+        r = c - v * ls.repeat_interleave(p.block // 4, 1)[..., None]
+        tqs.append(torch.round(r * inv2.repeat_interleave(p.block // 4, 1)[..., None]).clamp(-127, 127).to(torch.int8))
+        lss.append(ls2)
+    asum = xs.double().view(M, p.n_groups, p.group).sum(-1)
+    return torch.stack(tqs), torch.stack(lss), asum
+
+
+def emulate(p: PackedLayer, x: torch.Tensor, passes: int = 1) -> torch.Tensor:
+    """What the kernel computes for ``x`` (M, in), in float64 after exact integer lookups: differs
+    from the kernel only by float rounding of the final sums."""
+    tqs, lss, asum = tables(p, x, passes)
+    M = x.shape[0]
+    T, nb, F, ng = p.tiles, p.kp // p.block, p.block // 4, p.n_groups
+    Np, nq = T * TILE, p.kp // 4
+    nib = _nibbles(p).long()
+    sc = p.scale.permute(0, 2, 1).reshape(Np, ng).double()
+    zc = p.zcs.permute(0, 2, 1).reshape(Np, ng).double()
+    scb = sc.repeat_interleave(p.group // p.block, 1)  # (Np, nb)
+    y = -(asum @ zc.T)
+    for tq, ls in zip(tqs, lss):
+        isum = torch.zeros(M, Np, nb, dtype=torch.int64)
+        tqe = tq.long().unsqueeze(1).expand(M, Np, nq, 16)
+        for i in range(p.bits):
+            look = tqe.gather(-1, nib[i].unsqueeze(0).expand(M, Np, nq).unsqueeze(-1)).squeeze(-1)  # (M, Np, nq)
+            isum += look.view(M, Np, nb, F).sum(-1) << i
+        y = y + (isum.double() * scb.unsqueeze(0) * ls.double().unsqueeze(1)).sum(-1)
+    return y[:, : p.out_features]
+
+
+def error_bound(p: PackedLayer, x: torch.Tensor, passes: int = 1) -> torch.Tensor:
+    """Per output (M, out): the largest possible difference between the kernel and the exact float
+    matmul from rounding the tables (each entry is off by at most half a step of its last pass)."""
+    _, lss, _ = tables(p, x, passes)
+    ls = lss[-1]
+    T, ng, nb = p.tiles, p.n_groups, p.kp // p.block
+    sc = p.scale.permute(0, 2, 1).reshape(T * TILE, ng).double().abs().repeat_interleave(p.group // p.block, 1)
+    per = 0.5 * (2**p.bits - 1) * (p.block // 4)
+    return (ls.double() @ sc.T)[:, : p.out_features] * per
+
+
+# ----------------------------------------------------------------------------------- library
+_LIB = None
+_LIB_REASON = ""
+_TRIED = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("WEIGHTSMITH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "weightsmith")
+    return Path(root) / "kernels"
+
+
+def _built_extension() -> Path | None:
+    """The library built by ``pip install`` (setup.py's optional extension), if any."""
+    here = Path(__file__).parent
+    for f in sorted(here.glob("_lut_gemv*.so")):
+        if SRC.is_file() and f.stat().st_mtime < SRC.stat().st_mtime:
+            log.info("ignoring %s: older than %s (rebuild with pip install)", f, SRC)
+            continue
+        return f
+    return None
+
+
+def _compile(dest: Path) -> str | None:
+    """Compile the kernel into ``dest``; returns an error message, or None on success."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        return "no C++ compiler found (set CXX or install g++)"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=dest.parent)
+    os.close(fd)
+    print(f"weightsmith: compiling the lookup-table kernel once into {dest} …", file=sys.stderr)
+    err = None
+    for flags in (CXXFLAGS, [f for f in CXXFLAGS if f != "-fopenmp"]):  # without OpenMP: the kernel's own thread pool
+        cmd = [cxx, *flags, "-o", tmp, str(SRC)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            err = f"{cxx} failed: {e}"
+            continue
+        if r.returncode == 0:
+            os.replace(tmp, dest)
+            return None
+        err = f"{' '.join(cmd)} failed:\n{r.stderr.strip()[-2000:]}"
+    os.unlink(tmp)
+    return err
+
+
+def _open(path: Path):
+    lib = ctypes.CDLL(str(path))
+    if lib.ws_lut_abi_version() != ABI_VERSION:
+        raise OSError(f"{path} has ABI {lib.ws_lut_abi_version()}, expected {ABI_VERSION}")
+    vp, i64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.ws_lut_gemm.argtypes = [vp] * 7 + [i64] * 6 + [ci] * 4
+    lib.ws_lut_gemm.restype = ci
+    lib.ws_lut_tables.argtypes = [vp, vp, i64, i64, i64, ci, ci, vp, vp, vp]
+    lib.ws_lut_tables.restype = None
+    lib.ws_lut_isa.restype = ci
+    lib.ws_lut_openmp.restype = ci
+    lib.ws_lut_omp_symbol.restype = vp
+    return lib
+
+
+def load_library(build: bool = True):
+    """The compiled kernel (a ctypes library), or None with the reason in :func:`unavailable_reason`.
+    ``WEIGHTSMITH_KERNEL=off`` disables it; without a library built by ``pip install``, it is compiled
+    once into ``~/.cache/weightsmith/kernels`` (``WEIGHTSMITH_KERNEL_BUILD=0`` forbids that)."""
+    global _LIB, _LIB_REASON, _TRIED
+    if _TRIED:
+        return _LIB
+    _TRIED = True
+    if os.environ.get("WEIGHTSMITH_KERNEL", "").lower() in ("off", "0", "no", "false"):
+        _LIB_REASON = "disabled by WEIGHTSMITH_KERNEL=off"
+        return None
+    if sys.platform != "linux" or not _is_x86():
+        _LIB_REASON = f"the kernel is for x86-64 Linux (this is {sys.platform} {os.uname().machine if hasattr(os, 'uname') else ''})"
+        return None
+    candidates = []
+    ext = _built_extension()
+    if ext is not None:
+        candidates.append(ext)
+    digest = hashlib.sha256(SRC.read_bytes() + " ".join(CXXFLAGS).encode()).hexdigest()[:16] if SRC.is_file() else None
+    cached = _cache_dir() / f"lut_gemv-{digest}.so" if digest else None
+    if cached is not None:
+        candidates.append(cached)
+    errors = []
+    for c in candidates:
+        if c == cached and not c.is_file():
+            if not build or os.environ.get("WEIGHTSMITH_KERNEL_BUILD", "1").lower() in ("0", "no", "false", "off"):
+                errors.append("not compiled (WEIGHTSMITH_KERNEL_BUILD=0)")
+                continue
+            err = _compile(c)
+            if err:
+                errors.append(err)
+                continue
+        try:
+            lib = _open(c)
+        except OSError as e:
+            errors.append(f"{c}: {e}")
+            continue
+        if lib.ws_lut_isa() == 0:
+            _LIB_REASON = "this CPU has neither AVX2 nor AVX-512BW"
+            return None
+        _LIB = lib
+        return lib
+    _LIB_REASON = "; ".join(errors) if errors else f"no kernel library and no source at {SRC}"
+    return None
+
+
+def _is_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def reset_library() -> None:
+    """Forget the loaded library (tests: re-read ``WEIGHTSMITH_KERNEL``)."""
+    global _LIB, _LIB_REASON, _TRIED
+    _LIB, _LIB_REASON, _TRIED = None, "", False
+
+
+def available() -> bool:
+    return load_library() is not None
+
+
+def unavailable_reason() -> str:
+    load_library()
+    return _LIB_REASON
+
+
+def isa() -> str:
+    lib = load_library()
+    return ISA_NAMES[lib.ws_lut_isa()] if lib is not None else "none"
+
+
+def kernel_openmp_runtime() -> str | None:
+    """The file of the OpenMP runtime the kernel runs on (Linux; None without OpenMP). Built with
+    OpenMP, it must be the libgomp torch loaded — one team for both, not two spinning against each other."""
+    lib = load_library()
+    addr = lib.ws_lut_omp_symbol() if lib is not None else None
+    if not addr:
+        return None
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split()
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                if lo <= addr < hi and len(parts) >= 6:
+                    return parts[5]
+    except OSError:
+        pass
+    return None
+
+
+def lut_tables_native(p: PackedLayer, x: torch.Tensor, passes: int = 1, isa: int = -1):
+    """The kernel's own tables for one token (tests): ``(tq (passes, Kp/4, 16) int8, lut_scale (passes, Kp/S), asum)``."""
+    lib = load_library()
+    x = x.float().contiguous()
+    tab = torch.empty(passes, p.kp // 4, 32, dtype=torch.int8)
+    ls = torch.empty(passes, p.kp // p.block, dtype=torch.float32)
+    asum = torch.empty(p.n_groups, dtype=torch.float32)
+    lib.ws_lut_tables(x.data_ptr(), p.perm.data_ptr(), p.kp, p.group, p.block, passes, isa, tab.data_ptr(), ls.data_ptr(), asum.data_ptr())
+    assert torch.equal(tab[..., :16], tab[..., 16:])
+    return tab[..., :16], ls, asum
+
+
+def lut_gemm(p: PackedLayer, x: torch.Tensor, bias: torch.Tensor | None = None, threads: int = 1, isa: int = -1,
+             passes: int = 1) -> torch.Tensor:
+    """``x`` (M, in) float32 → (M, out) float32 through the kernel. ``isa``: -1 best, 1 AVX2, 2 AVX-512BW;
+    ``passes``: 1 = int8 tables (T-MAC), 2 = int8 tables plus an int8 residual pass (~15-bit tables, 2× lookups)."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"the lookup-table kernel is unavailable: {_LIB_REASON}")
+    if x.dim() != 2 or x.shape[1] != p.in_features:
+        raise ValueError(f"expected input (M, {p.in_features}), got {tuple(x.shape)}")
+    x = x.to(torch.float32).contiguous()
+    M = x.shape[0]
+    y = torch.empty(M, p.out_features, dtype=torch.float32)
+    b = bias.to(torch.float32).contiguous() if bias is not None else None
+    rc = lib.ws_lut_gemm(p.w.data_ptr(), p.scale.data_ptr(), p.zcs.data_ptr(), p.perm.data_ptr(),
+                         b.data_ptr() if b is not None else None, x.data_ptr(), y.data_ptr(),
+                         M, p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, int(passes), int(threads), int(isa))
+    if rc != 0:
+        raise RuntimeError(f"ws_lut_gemm failed ({'bad arguments' if rc == -1 else 'instruction set not supported by this CPU'})")
+    return y

@@ -1,0 +1,200 @@
+"""Run a weightsmith output directory on the lookup-table kernel: load the dequantized model with
+transformers, swap every quantized ``nn.Linear`` for a :class:`LutLinear` built from its integer
+codes, then generate (``weightsmith run``) or time greedy decoding against the dequantized float
+path on the same model, prompt and threads (``weightsmith bench-kernel``)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import WeightsmithError
+from . import lut
+from .linear import LutLinear, get_table_passes, set_num_threads, set_table_passes
+
+log = logging.getLogger("weightsmith")
+
+PROMPT_TEXT = ("The history of computing is a story of machines that became smaller, faster and cheaper with every "
+               "decade, from rooms full of vacuum tubes to chips that fit in a pocket. Along the way engineers learned "
+               "that the cost of moving data often matters more than the cost of arithmetic, and that a good algorithm "
+               "respects the memory hierarchy. ")
+
+
+def swap_quantized_layers(model: nn.Module, ckpt, use_kernel: bool = True) -> dict:
+    """Replace every quantized ``nn.Linear`` of ``model`` (a :class:`QuantizedCheckpoint`'s layers)
+    by a :class:`LutLinear`; returns counts and byte sizes. Layers that are not ``nn.Linear``
+    (GPT-2's ``Conv1D``) or whose bit width the kernel does not handle stay in float."""
+    swapped, kept, packed_bytes, float_bytes = 0, [], 0, 0
+    for name in ckpt.layers:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            kept.append(f"{name} (not a module of the model)")
+            continue
+        if type(mod) is not nn.Linear:
+            kept.append(f"{name} ({type(mod).__name__}, not nn.Linear)")
+            continue
+        if not 1 <= ckpt.bits <= 4:
+            kept.append(f"{name} ({ckpt.bits} bits; the kernel handles 1-4)")
+            continue
+        layer = ckpt.layer(name)
+        new = LutLinear.from_quant_layer(layer, mod.bias, use_kernel=use_kernel)
+        float_bytes += mod.weight.numel() * mod.weight.element_size()
+        packed_bytes += new.packed_nbytes()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        swapped += 1
+    for k in kept:
+        log.warning("left in float: %s", k)
+    return {"quantized_layers": swapped, "float_layers_kept": len(kept), "packed_bytes": packed_bytes, "float_bytes": float_bytes}
+
+
+def load_float(path: str | Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False).eval()
+    except (OSError, ValueError) as e:
+        raise WeightsmithError(f"cannot load {path} as a causal LM with transformers: {e}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError):
+        tok = None
+    return model, tok
+
+
+def load_lut_model(path: str | Path, use_kernel: bool = True):
+    """``(model, tokenizer, info)``: the quantized checkpoint at ``path`` with its quantized layers on
+    the kernel (``info``: counts, sizes, the kernel's instruction set or why it is unavailable)."""
+    from ..export.common import QuantizedCheckpoint
+
+    ckpt = QuantizedCheckpoint(path)
+    model, tok = load_float(path)
+    with ckpt:
+        info = swap_quantized_layers(model, ckpt, use_kernel=use_kernel)
+    info.update(bits=ckpt.bits, group_size=ckpt.group_size, **kernel_info())
+    return model, tok, info
+
+
+def kernel_info() -> dict:
+    return {"kernel": lut.isa()} if lut.available() else {"kernel": "unavailable", "kernel_reason": lut.unavailable_reason()}
+
+
+def prompt_ids(tok, n: int, vocab: int) -> torch.Tensor:
+    """``n`` prompt tokens: a fixed English text repeated, or (without a usable tokenizer) fixed ids."""
+    ids: list[int] = []
+    if tok is not None:
+        piece = tok(PROMPT_TEXT, add_special_tokens=False).input_ids
+        if piece and max(piece) < vocab and len(set(piece)) > 4:
+            while len(ids) < n:
+                ids += piece
+    if not ids:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+    return torch.tensor([ids[:n]])
+
+
+@torch.inference_mode()
+def greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:
+    """Greedy decoding with the KV cache: ``(new token ids, prefill seconds, decode seconds)``; the
+    decode time covers the ``new_tokens - 1`` single-token steps after the prompt."""
+    import inspect
+
+    # transformers >= 5.2x names the KV cache ``cache`` (``past_key_values`` before, now deprecated)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    past = getattr(out, key)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    t1 = time.perf_counter()
+    toks = [nxt]
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=nxt, use_cache=True, **{key: past})
+        past = getattr(out, key)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        toks.append(nxt)
+    t2 = time.perf_counter()
+    return torch.cat(toks, 1)[0], t1 - t0, t2 - t1
+
+
+def _set_threads(threads: int | None) -> int:
+    if threads is not None:
+        if threads < 1:
+            raise WeightsmithError(f"--threads must be >= 1, not {threads}")
+        torch.set_num_threads(threads)
+    n = torch.get_num_threads()
+    set_num_threads(n)
+    return n
+
+
+def _set_passes(passes: int | None) -> int:
+    if passes is not None:
+        if passes not in (1, 2):
+            raise WeightsmithError(f"--table-passes must be 1 (int8 tables) or 2 (int8 + residual), not {passes}")
+        set_table_passes(passes)
+    return get_table_passes()
+
+
+def run(path: str | Path, prompt: str, max_new_tokens: int = 64, threads: int | None = None,
+        table_passes: int | None = None) -> dict:
+    """Generate greedily from ``prompt`` with the quantized layers on the kernel."""
+    threads = _set_threads(threads)
+    passes = _set_passes(table_passes)
+    model, tok, info = load_lut_model(path)
+    if tok is None:
+        raise WeightsmithError(f"{path} has no tokenizer; `weightsmith run` needs one to read --prompt")
+    ids = tok(prompt, return_tensors="pt").input_ids
+    if ids.numel() == 0:
+        raise WeightsmithError("--prompt is empty after tokenization")
+    new, t_prefill, t_decode = greedy(model, ids, max_new_tokens)
+    eos = tok.eos_token_id
+    lst = new.tolist()
+    if eos is not None and eos in lst:
+        lst = lst[: lst.index(eos)]
+    info.update(threads=threads, table_passes=passes, prompt_tokens=int(ids.shape[1]), new_tokens=len(new),
+                prompt_tokens_per_s=ids.shape[1] / t_prefill,
+                decode_tokens_per_s=(len(new) - 1) / t_decode if len(new) > 1 and t_decode > 0 else None,
+                text=tok.decode(lst, skip_special_tokens=True))
+    return info
+
+
+def bench_kernel(path: str | Path, threads: int | None = None, prompt_tokens: int = 64, new_tokens: int = 128,
+                 warmup_tokens: int = 4, table_passes: int | None = None) -> dict:
+    """Decode and prompt tokens/s of the kernel vs the dequantized float32 path (the model's own
+    ``nn.Linear``), same model, prompt and threads; greedy, batch 1."""
+    from ..export.common import QuantizedCheckpoint
+
+    if new_tokens < 2 or prompt_tokens < 1:
+        raise WeightsmithError("bench-kernel needs --new-tokens >= 2 and --prompt-tokens >= 1")
+    threads = _set_threads(threads)
+    passes = _set_passes(table_passes)
+    ckpt = QuantizedCheckpoint(path)
+    model, tok = load_float(path)
+    ids = prompt_ids(tok, prompt_tokens, model.config.vocab_size)
+    res = {"model": str(path), "bits": ckpt.bits, "group_size": ckpt.group_size, "threads": threads, "table_passes": passes,
+           "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+
+    def timed(tag):
+        greedy(model, ids[:, : min(8, prompt_tokens)], warmup_tokens)
+        toks, tp, td = greedy(model, ids, new_tokens)
+        res[f"{tag}_decode_tokens_per_s"] = round((new_tokens - 1) / td, 3)
+        res[f"{tag}_prompt_tokens_per_s"] = round(prompt_tokens / tp, 3)
+        return toks
+
+    ref = timed("dequant")
+    with ckpt:
+        res.update(swap_quantized_layers(model, ckpt))
+    res.update(kernel_info())
+    if lut.available():
+        got = timed("kernel")
+        diff = (got != ref).nonzero()
+        res["greedy_tokens_same_prefix"] = int(diff[0, 0]) if diff.numel() else new_tokens
+        res["decode_speedup"] = round(res["kernel_decode_tokens_per_s"] / res["dequant_decode_tokens_per_s"], 3)
+    else:
+        res["kernel_decode_tokens_per_s"] = None
+        res["kernel_prompt_tokens_per_s"] = None
+    return res
