@@ -6,7 +6,6 @@ import pytest
 from weightsmith.cli import _config_from_args, build_parser, main
 from weightsmith.config import build_config
 from weightsmith.errors import WeightsmithError
-from weightsmith.quant import registry
 
 
 def parse_q(*argv):

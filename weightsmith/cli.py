@@ -331,14 +331,14 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     res = run(a.model, a.prompt, max_new_tokens=a.max_new_tokens, threads=a.threads, table_passes=a.table_passes)
     print(res.pop("text"))
-    print(json.dumps(res), file=sys.stderr)
+    print(dumps(res), file=sys.stderr)
     return 0
 
 
 def cmd_bench_kernel(a: argparse.Namespace) -> int:
     from .kernels.runtime import bench_kernel
 
-    print(json.dumps(bench_kernel(a.quantized, threads=a.threads, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
+    print(dumps(bench_kernel(a.quantized, threads=a.threads, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
                                   table_passes=a.table_passes)))
     return 0
 

@@ -191,8 +191,8 @@ def _load_builtin() -> None:
     if _loaded:
         return
     _loaded = True
-    from . import awq, bitalloc, foem, gptaq, gptq, lorc, rescomp, rtn, tune_scales  # noqa: F401  (modules register on import)
-    from ..prune import magnitude, wanda  # noqa: F401
+    from . import awq, bitalloc, foem, gptaq, gptq, lorc, rescomp, rtn, tune_scales  # noqa: F401 - modules register on import
+    from ..prune import magnitude, wanda  # noqa: F401 - modules register on import
     _load_plugins()
 
 
