@@ -270,7 +270,7 @@ def _check_format_grids(cfg, fmt: str, gguf_type: str | None) -> None:
     """Every grid the run can produce — the recipe's, each rule's, a planner's candidates — must fit ``fmt``."""
     from .quant import registry
 
-    if cfg.quantizer is None:
+    if not cfg.has_grid:
         return
     grids = {(cfg.grid.bits, cfg.grid.sym, f"the grid W{cfg.grid.bits}")}
     for r in cfg.rules:
