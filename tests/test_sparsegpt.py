@@ -156,3 +156,22 @@ def test_pico_end_to_end(pico, tmp_path):
         assert ql.bits == 4
     # the report's RTN baseline is there (a grid and an H): joint SparseGPT at 50 % costs more than dense RTN, but not absurdly
     assert row.get("rtn_error") is not None
+
+
+def test_cli_flags_and_export(pico, calib_file, tmp_path, capsys):
+    """``--method sparsegpt --quantize --pattern 2:4`` through the generated flags, then exported packed."""
+    from weightsmith.cli import main
+    from weightsmith.export import export
+
+    src = pico("llama")
+    out = tmp_path / "q"
+    code = main(["quantize", str(src), str(out), "--quiet", "--method", "sparsegpt", "--quantize", "--pattern", "2:4",
+                 "--bits", "4", "--group-size", "32", "--calib", str(calib_file), "--nsamples", "8", "--seqlen", "32"])
+    assert code == 0, capsys.readouterr().err
+    with QuantizedCheckpoint(out) as ck:
+        enc = ck.encodings(L0 + "mlp.down_proj")
+        assert [e["kind"] for e in enc] == ["sparsity", "grid"] and enc[0]["pattern"] == "2:4"
+    export(out, tmp_path / "ct", "compressed-tensors")
+    assert (tmp_path / "ct" / "config.json").exists()
+    code = main(["quantize", str(src), str(tmp_path / "bad"), "--quiet", "--method", "sparsegpt:quantize=true,gptq"])
+    assert code == 2 and "already did" in capsys.readouterr().err
