@@ -98,7 +98,8 @@ def sparsegpt(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, patter
         W[forced] = 0.0
     if grid is not None:
         scale, zero, g_idx = (base.scale, base.zero, base.g_idx) if base is not None else G.grouped_params(W, grid)
-        gi = g_idx.long()
+        col_group = g_idx.long().tolist()
+        scale_t, zero_t = scale.t().contiguous(), zero.t().contiguous()  # (n_groups, rows): contiguous per group
     U, lam = inverse_cholesky(H, damp)
     info = {"damp": lam, "damp_escalated": lam is not None and lam > damp * (1 + 1e-9), "dead_columns": n_dead}
     if U is None:
@@ -114,46 +115,51 @@ def sparsegpt(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, patter
             quant = QuantResult(Q, scale, zero, g_idx, dict(info), latent=W)
         return SparseGPTResult(Q, mask, info, quant)
 
-    Q = torch.zeros_like(W)
-    L = torch.empty_like(W) if grid is not None else None
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    # work on Wᵀ (as GPTQ does) so that each column is a contiguous vector
+    Wt = W.t().contiguous()
+    Ft = None if forced is None else forced.t().contiguous()
+    Qt = torch.zeros_like(Wt)
+    Lt = torch.empty_like(Wt) if grid is not None else None
+    Mt = torch.zeros(cols, rows, dtype=torch.bool, device=W.device)
     dU = torch.diag(U)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         E1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         M1 = torch.ones_like(W1, dtype=torch.bool)
         if p is None:
             k = _prune_count(i1, i2, sparsity)
             if k > 0:
-                score = W1.square() / dU[i1:i2].square()[None, :]
-                if forced is not None:
-                    score[forced[:, i1:i2]] = -1.0
-                idx = torch.argsort(score, dim=1, stable=True)[:, :k]
-                M1.scatter_(1, idx, False)
+                score = W1.square() / dU[i1:i2].square()[:, None]
+                if Ft is not None:
+                    score[Ft[i1:i2]] = -1.0
+                idx = torch.argsort(score, dim=0, stable=True)[:k]
+                M1.scatter_(0, idx, False)
         for i in range(i2 - i1):
             j = i1 + i
             if p is not None and j % m == 0:
-                score = W1[:, i : i + m].square() / dU[j : j + m].square()[None, :]
-                if forced is not None:
-                    score[forced[:, j : j + m]] = -1.0
-                idx = torch.argsort(score, dim=1, descending=True, stable=True)[:, :n_keep]
-                M1[:, i : i + m] = torch.zeros_like(score, dtype=torch.bool).scatter_(1, idx, True)
-            col = W1[:, i]
+                score = W1[i : i + m].square() / dU[j : j + m].square()[:, None]
+                if Ft is not None:
+                    score[Ft[j : j + m]] = -1.0
+                idx = torch.argsort(score, dim=0, descending=True, stable=True)[:n_keep]
+                M1[i : i + m] = torch.zeros_like(score, dtype=torch.bool).scatter_(0, idx, True)
+            col = W1[i]
             if grid is not None:
-                L[:, j] = col
-                g = gi[j]
-                q = G.fake_quant(col, scale[:, g], zero[:, g], grid.bits) * M1[:, i]
+                Lt[j] = col
+                g = col_group[j]
+                q = G.fake_quant(col, scale_t[g], zero_t[g], grid.bits) * M1[i]
             else:
-                q = col * M1[:, i]
-            Q[:, j] = q
+                q = col * M1[i]
+            Qt[j] = q
             err = (col - q) / U1[i, i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-            E1[:, i] = err
-        mask[:, i1:i2] = M1
+            W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
+            E1[i] = err
+        Mt[i1:i2] = M1
         if i2 < cols:
-            W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
+    Q, mask = Qt.t().contiguous(), Mt.t().contiguous()
+    L = None if Lt is None else Lt.t().contiguous()
     if forced is not None:
         mask &= ~forced
         Q = Q * mask
