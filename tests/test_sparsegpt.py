@@ -127,6 +127,10 @@ def test_recipe_rules():
     with pytest.raises(WeightsmithError, match="already did"):
         build_config({"method": "sparsegpt:quantize=true,rtn"})
     assert build_config({"method": "sparsegpt:quantize=true,lorc:rank=2"}).steps[1].name == "lorc"
+    with pytest.raises(WeightsmithError, match=r"rules\[0\].*already did"):  # a rule cannot make a second grid either
+        build_config({"method": "sparsegpt,gptq", "rules": [{"match": "mlp", "steps": {"sparsegpt": {"quantize": True}}}]})
+    cfg = build_config({"method": "sparsegpt", "rules": [{"match": "mlp", "steps": {"sparsegpt": {"quantize": True}}}]})
+    assert cfg.has_grid  # the format checks see the rule's grid
 
 
 def test_pico_end_to_end(pico, tmp_path):

@@ -305,7 +305,10 @@ class QuantizeConfig(Strict):
             for st in r.steps:
                 if st not in names:
                     raise WeightsmithError(f"invalid configuration: rules[{i}] ({r.match!r}) sets options of {st}, which is not a step of the recipe ({self.recipe})")
-            self._apply_rules([r], f"rules[{i}] ({r.match!r})")
+            try:  # and leave a valid recipe (e.g. not a second grid: sparsegpt.quantize=true beside a quantizer)
+                validate_recipe(list(self._apply_rules([r], f"rules[{i}] ({r.match!r})").steps))
+            except WeightsmithError as e:
+                raise WeightsmithError(f"invalid configuration: rules[{i}] ({r.match!r}): {e}") from None
         return self
 
     @field_validator("version")
@@ -328,10 +331,11 @@ class QuantizeConfig(Strict):
 
     @property
     def has_grid(self) -> bool:
-        """Whether a step of the recipe puts the weights on a grid (the quantizer, or a pruner's joint mode)."""
+        """Whether a step of the recipe, under any rule, puts the weights on a grid (the quantizer, or a pruner's joint mode)."""
         from .quant import registry
 
-        return any("grid" in registry.get(s.name).outputs(s) for s in self.steps)
+        variants = [tuple(self.steps)] + [self._apply_rules([r]).steps for r in self.rules]
+        return any("grid" in registry.get(s.name).outputs(s) for steps in variants for s in steps)
 
     @property
     def method(self):
