@@ -197,7 +197,7 @@ def validate_recipe(steps: list) -> None:
     prev = None
     produced: set[str] = set()
     seen: dict[str, str] = {}
-    quantizer = None
+    quantizer = grid_by = None
     for st in steps:
         spec = registry.get(st.name)
         if spec.name in seen:
@@ -212,7 +212,12 @@ def validate_recipe(steps: list) -> None:
         if spec.requires and not set(spec.requires) & produced:
             what = " or ".join(REQUIRES_TEXT.get(r, r) for r in spec.requires)
             raise WeightsmithError(f"invalid recipe: {st.name} (a {spec.kind}) works on the result of {what}: put one before it")
-        produced |= set(spec.produces)
+        out = spec.outputs(st)
+        if "grid" in out and "grid" in produced:
+            raise WeightsmithError(f"invalid recipe: {st.name} puts the weights on a grid, but {grid_by} already did; keep one of them")
+        if "grid" in out:
+            grid_by = step_text(st) if spec.kind != "quantizer" else st.name
+        produced |= out
         prev = (st.name, spec.kind)
     kinds = [registry.get(s.name).kind for s in steps]
     if "transform" in kinds and not {"pruner", "quantizer"} & set(kinds):
@@ -300,7 +305,10 @@ class QuantizeConfig(Strict):
             for st in r.steps:
                 if st not in names:
                     raise WeightsmithError(f"invalid configuration: rules[{i}] ({r.match!r}) sets options of {st}, which is not a step of the recipe ({self.recipe})")
-            self._apply_rules([r], f"rules[{i}] ({r.match!r})")
+            try:  # and leave a valid recipe (e.g. not a second grid: sparsegpt.quantize=true beside a quantizer)
+                validate_recipe(list(self._apply_rules([r], f"rules[{i}] ({r.match!r})").steps))
+            except WeightsmithError as e:
+                raise WeightsmithError(f"invalid configuration: rules[{i}] ({r.match!r}): {e}") from None
         return self
 
     @field_validator("version")
@@ -320,6 +328,14 @@ class QuantizeConfig(Strict):
     def quantizer(self):
         q = self._of_kind("quantizer")
         return q[0] if q else None
+
+    @property
+    def has_grid(self) -> bool:
+        """Whether a step of the recipe, under any rule, puts the weights on a grid (the quantizer, or a pruner's joint mode)."""
+        from .quant import registry
+
+        variants = [tuple(self.steps)] + [self._apply_rules([r]).steps for r in self.rules]
+        return any("grid" in registry.get(s.name).outputs(s) for steps in variants for s in steps)
 
     @property
     def method(self):

@@ -234,4 +234,4 @@ def needs_folding(cfg) -> bool:
     """Whether a step of the recipe leaves an input scale for the engine to fold."""
     from ..quant import registry
 
-    return any("input_scale" in registry.get(s.name).produces for s in cfg.steps)
+    return any("input_scale" in registry.get(s.name).outputs(s) for s in cfg.steps)

@@ -105,7 +105,7 @@ class GroupQuantizer:
         mods = [self.layers[rel] for rel in g.names]
         ws = [get_weight(m).float().clone() for m in mods]
         gs = settings.grid.group_size
-        if gs > ws[0].shape[1] and any(registry.get(s.name).kind == "quantizer" for s in settings.steps):
+        if gs > ws[0].shape[1] and any("grid" in registry.get(s.name).outputs(s) for s in settings.steps):
             raise WeightsmithError(f"group size {gs} is larger than the input width {ws[0].shape[1]} of {self.prefix}{g.leader}")
         prod = self.folds.producers.get(g.leader) if self.folds is not None else None
         res = run_group(ws, stats, settings, where=self.prefix + g.leader,

@@ -96,13 +96,18 @@ class Step:
     fn: Callable
     doc: str
     needs: Callable[[Any], frozenset]  # cfg -> the statistics it needs (keys of NEEDS)
-    produces: tuple[str, ...] = ()  # encoding kinds it adds ("grid", "sparsity", "lowrank") or "input_scale"
+    produces: tuple[str, ...] = ()  # encoding kinds it always adds ("grid", "sparsity", "lowrank") or "input_scale"
     requires: tuple[str, ...] = ()  # it needs one of these encodings from an earlier step
     clip_search: bool = False  # a quantizer's default for grid.clip_search
     float_samples: Callable[[Any], Optional[int]] = lambda cfg: None  # samples that carry the float path (None: all)
     summary: Optional[Callable[[list[dict]], dict]] = None  # report rows -> entries of the report's summary
     cell: Optional[Callable[[dict], str]] = None  # report row -> this step's cell of the per-layer table
     planner: Optional["Planner"] = None
+    produces_fn: Optional[Callable[[Any], tuple]] = None  # cfg -> what it adds, when that depends on its options
+
+    def outputs(self, cfg) -> frozenset:
+        """What the step configured as ``cfg`` adds (``produces``, or its function of the config)."""
+        return frozenset(self.produces_fn(cfg) if self.produces_fn is not None else self.produces)
 
 
 @dataclass(frozen=True)
@@ -130,21 +135,34 @@ def _const(s):
     return lambda cfg: fs
 
 
-def register(name: str, config_cls: type, *, kind: str, needs=(), produces: tuple = (), requires: tuple = (),
+def register(name: str, config_cls: type, *, kind: str, needs=(), produces=(), requires: tuple = (),
              clip_search: bool = False, float_samples: Callable | None = None, summary: Callable | None = None,
              cell: Callable | None = None, planner: Planner | None = None):
     """Decorator registering ``fn`` as step ``name``. ``needs`` is a set of :data:`NEEDS` keys or a
-    function ``cfg -> set`` (when they depend on the step's options)."""
+    function ``cfg -> set`` (when they depend on the step's options); so may ``produces`` be (a function
+    ``cfg -> tuple``; ``Step.produces`` then holds what the default configuration adds, ``Step.outputs(cfg)``
+    what this one does)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     need_fn = needs if callable(needs) else _const(needs)
+    produces_fn = produces if callable(produces) else None
+    if produces_fn is not None:
+        produces = tuple(produces_fn(config_cls())) if _defaults_ok(config_cls) else ()
 
     def deco(fn):
         _REGISTRY[name] = Step(name, kind, config_cls, fn, (fn.__doc__ or "").strip().split("\n")[0], need_fn, tuple(produces),
-                               tuple(requires), clip_search, float_samples or (lambda cfg: None), summary, cell, planner)
+                               tuple(requires), clip_search, float_samples or (lambda cfg: None), summary, cell, planner, produces_fn)
         return fn
 
     return deco
+
+
+def _defaults_ok(config_cls) -> bool:
+    try:
+        config_cls()
+        return True
+    except Exception:  # noqa: BLE001 - a config without defaults: no static part of produces
+        return False
 
 
 def register_family(members: set[str], canonical: Callable[[list[str]], str]) -> None:
@@ -192,7 +210,7 @@ def _load_builtin() -> None:
         return
     _loaded = True
     from . import awq, bitalloc, foem, gptaq, gptq, lorc, rescomp, rtn, tune_scales  # noqa: F401 - modules register on import
-    from ..prune import magnitude, wanda  # noqa: F401 - modules register on import
+    from ..prune import magnitude, sparsegpt, wanda  # noqa: F401 - modules register on import
     _load_plugins()
 
 
