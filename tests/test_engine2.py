@@ -188,3 +188,12 @@ def test_tune_scales_lowers_the_block_output_error(pico_mod, tmp_path):
     with QuantizedCheckpoint(tmp_path / "b") as ck:
         for n in ck.layers:
             ck.layer(n)  # refuses weights off their qparams' grid
+
+
+def test_a_run_leaves_grad_mode_as_it_found_it(pico_mod, tmp_path):
+    """Chunks park inside their forwards' no_grad blocks, interleaved on one thread: the runner must
+    not leave autograd switched off for the caller."""
+    assert torch.is_grad_enabled()
+    weightsmith.quantize(pico_mod, {"method": "gptq", "grid": {"bits": 4, "group_size": 32}, "chunk_size": 2}, IDS, out=tmp_path / "g",
+                         progress=False)
+    assert torch.is_grad_enabled()

@@ -234,6 +234,16 @@ class SequentialRunner:
 
     # -- driver ----------------------------------------------------------------------------------------
     def run(self, chunks: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+        # grad mode is thread-local and every greenlet shares the thread: the forwards' no_grad blocks
+        # enter and exit interleaved, so the mode is fixed for the whole run and restored after it
+        grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        try:
+            return self._run(chunks)
+        finally:
+            torch.set_grad_enabled(grad)
+
+    def _run(self, chunks: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
         hooks = [m.register_forward_pre_hook(self._hook) for m in self.layers.values()]
         fp = self.float_path
         self._stepping: dict[greenlet.greenlet, _FloatStepper] = {}

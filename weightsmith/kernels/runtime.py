@@ -55,13 +55,15 @@ def swap_quantized_layers(model: nn.Module, ckpt, use_kernel: bool = True) -> di
 def load_float(path: str | Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..safety import from_pretrained
+
     path = Path(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False).eval()
+        model = from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
         raise WeightsmithError(f"cannot load {path} as a causal LM with transformers: {e}") from None
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = from_pretrained(AutoTokenizer, path)
     except (OSError, ValueError, TypeError):
         tok = None
     return model, tok
