@@ -27,11 +27,14 @@ class PruneFields(Strict):
         return v
 
 
-def nm(pattern: str) -> tuple[int, int] | None:
+def nm(pattern: str, cols: int | None = None) -> tuple[int, int] | None:
+    """``(N, M)`` of an N:M pattern (None: unstructured); with ``cols``, refuses a width M does not divide."""
     if pattern == "unstructured":
         return None
-    n, m = pattern.split(":")
-    return int(n), int(m)
+    n, m = map(int, pattern.split(":"))
+    if cols is not None and cols % m:
+        raise WeightsmithError(f"pattern {pattern}: the input width {cols} is not a multiple of {m}")
+    return n, m
 
 
 def mask_from_scores(score: torch.Tensor, sparsity: float, pattern: str, per_row: bool) -> torch.Tensor:
@@ -39,11 +42,9 @@ def mask_from_scores(score: torch.Tensor, sparsity: float, pattern: str, per_row
     matrix, or the top N of every M consecutive inputs for an N:M ``pattern``. Ties go to the
     lower index (a stable sort), so the mask is deterministic."""
     rows, cols = score.shape
-    p = nm(pattern)
+    p = nm(pattern, cols)
     if p is not None:
         n, m = p
-        if cols % m:
-            raise WeightsmithError(f"pattern {pattern}: the input width {cols} is not a multiple of {m}")
         s = score.reshape(rows, cols // m, m)
         idx = torch.argsort(s, dim=-1, descending=True, stable=True)[..., :n]
         mask = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)

@@ -98,11 +98,12 @@ def tune(ctx, cfg: TuneScalesConfig) -> None:
     tuned = []
     for name, rec in ctx.records.items():
         g = next((e for e in rec.encodings if isinstance(e, Grid)), None)
-        if g is None or g.latent is None or rec.rel not in ctx.modules:
+        if g is None or (cfg.ste == "identity" and g.latent is None) or rec.rel not in ctx.modules:  # constant: no latent needed
             continue
         sp = next((e for e in rec.encodings if isinstance(e, Sparsity)), None)
         m = ctx.modules[rec.rel]
-        tuned.append((rec, g, m, None if sp is None else sp.mask.to(g.latent), get_weight(m).detach().clone()))
+        w0 = get_weight(m).detach().clone()
+        tuned.append((rec, g, m, None if sp is None else sp.mask.to(w0), w0))
     if not tuned:
         return
     if cfg.target == "float_path":
