@@ -224,7 +224,7 @@ def test_gguf_loads_through_transformers(work, pico_src, name, grid, gtype):
 
     q = _quantized(work, pico_src, name, grid)
     f = work / f"{name}.gguf"
-    info = export(q, f, "gguf")
+    info = export(q, f, "gguf", gguf_unverified_tokenizer=True)
     assert info["gguf_type"] == gtype
     r = gguf.GGUFReader(str(f))
     types = {t.name: t.tensor_type.name for t in r.tensors}
@@ -258,14 +258,14 @@ def test_gguf_loads_through_transformers(work, pico_src, name, grid, gtype):
 def test_gguf_refusals(work, pico_src):
     q = _quantized(work, pico_src, "w4sym", W4_SYM)
     with pytest.raises(WeightsmithError, match="Q4_K"):
-        export(q, work / "k.gguf", "gguf", gguf_type="Q4_K")
+        export(q, work / "k.gguf", "gguf", gguf_unverified_tokenizer=True, gguf_type="Q4_K")
     with pytest.raises(WeightsmithError, match="Q8_0 holds 8-bit"):
-        export(q, work / "k.gguf", "gguf", gguf_type="Q8_0")
+        export(q, work / "k.gguf", "gguf", gguf_unverified_tokenizer=True, gguf_type="Q8_0")
     g48 = _quantized(work, pico_src, "w4g48", {"bits": 4, "group_size": 48, "sym": True})
     with pytest.raises(WeightsmithError, match="block of 32 columns"):
-        export(g48, work / "g48.gguf", "gguf")
+        export(g48, work / "g48.gguf", "gguf", gguf_unverified_tokenizer=True)
     with pytest.raises(WeightsmithError, match="must end in .gguf"):
-        export(q, work / "notgguf", "gguf")
+        export(q, work / "notgguf", "gguf", gguf_unverified_tokenizer=True)
     assert not list(work.glob("*k.gguf*")) and not list(work.glob(".g48.gguf*")) and not (work / "g48.gguf").exists()
 
 
@@ -302,7 +302,7 @@ def test_corrupt_or_modified_checkpoint_is_refused_and_nothing_written(work, pic
     save_file(t, shard, metadata={"format": "pt"})
     for fmt, out in (("gptq", tmp_path / "o1"), ("gguf", tmp_path / "o2.gguf")):
         with pytest.raises(WeightsmithError, match="not on the grid"):
-            export(q, out, fmt)
+            export(q, out, fmt, gguf_unverified_tokenizer=True)
         assert not out.exists()
     qf = sorted((q / "qparams").glob("*.safetensors"))[0]
     qf.write_bytes(qf.read_bytes()[:100])  # truncated

@@ -226,7 +226,8 @@ def test_uniform_metadata_exports_byte_identical_to_legacy(work, pico_src, w4, t
     with QuantizedCheckpoint(q) as ck:
         assert ck.bits == 4 and ck.group_size == 32 and ck.sym is True
     for fmt, name in (("compressed-tensors", "ct"), ("gptq", "gptq"), ("gguf", "m.gguf")):
-        a, b = export(w4, tmp_path / f"legacy-{name}", fmt), export(q, tmp_path / f"declared-{name}", fmt)
+        a, b = (export(w4, tmp_path / f"legacy-{name}", fmt, gguf_unverified_tokenizer=True),
+                export(q, tmp_path / f"declared-{name}", fmt, gguf_unverified_tokenizer=True))
         for k in ("output", "seconds"):
             a.pop(k), b.pop(k)
         assert a == b, fmt
@@ -276,7 +277,7 @@ def test_compressed_tensors_mixed_with_a_3bit_layer(work, pico_src, w4):
     with pytest.raises(WeightsmithError, match=r"not 3-bit \(layer model\.layers\.0\.mlp\.gate_proj; 3-bit GPTQ"):
         export(q, work / "mixed-w3-gptq", "gptq")
     with pytest.raises(WeightsmithError, match=r"no GGUF type holds a 3-bit symmetric grid exactly \(layer model\.layers\.0\.mlp\.gate_proj\)"):
-        export(q, work / "mixed-w3.gguf", "gguf")
+        export(q, work / "mixed-w3.gguf", "gguf", gguf_unverified_tokenizer=True)
     assert not (work / "mixed-w3-gptq").exists() and not (work / "mixed-w3.gguf").exists()
     assert not list(work.glob(".mixed-w3*"))
 
@@ -352,7 +353,7 @@ def _gguf_types(f: Path) -> dict[str, str]:
 
 def test_gguf_a_type_per_tensor_loads_through_transformers(work, mixed):
     f = work / "mixed.gguf"
-    info = export(mixed, f, "gguf")
+    info = export(mixed, f, "gguf", gguf_unverified_tokenizer=True)
     assert info["gguf_type"] == "Q4_0" and info["gguf_types"] == {"Q4_0": 9, "Q8_0": 4}
     ty = _gguf_types(f)
     assert ty["blk.0.ffn_down.weight"] == "Q8_0" and ty["blk.1.attn_q.weight"] == "Q8_0" and ty["blk.1.ffn_up.weight"] == "Q4_0"
@@ -371,7 +372,7 @@ def test_gguf_a_type_per_tensor_loads_through_transformers(work, mixed):
 
 def test_gguf_mixed_asymmetric_and_the_type_override(work, mixed_asym, mixed):
     f = work / "mixed-asym.gguf"
-    export(mixed_asym, f, "gguf")
+    export(mixed_asym, f, "gguf", gguf_unverified_tokenizer=True)
     ty = _gguf_types(f)
     assert ty["blk.0.ffn_gate.weight"] == "Q4_1" and ty["blk.0.ffn_up.weight"] == "Q4_0" and ty["blk.1.ffn_down.weight"] == "Q8_0"
     assert ty["blk.1.attn_output.weight"] == "Q4_1"
@@ -379,18 +380,18 @@ def test_gguf_mixed_asymmetric_and_the_type_override(work, mixed_asym, mixed):
     assert _rel(_logits(got), _logits(_ref(mixed_asym))) <= 5e-3
     # --gguf-type overrides every layer's type and must fit them all
     with pytest.raises(WeightsmithError, match=r"GGUF Q4_1 holds 4-bit grids; layer model\.layers\.1\.mlp\.down_proj is 8-bit symmetric"):
-        export(mixed_asym, work / "o1.gguf", "gguf", gguf_type="Q4_1")
+        export(mixed_asym, work / "o1.gguf", "gguf", gguf_unverified_tokenizer=True, gguf_type="Q4_1")
     with pytest.raises(WeightsmithError, match=r"GGUF Q8_0 holds 8-bit symmetric grids; layer model\.layers\.0\.\S+ is 4-bit"):
-        export(mixed, work / "o2.gguf", "gguf", gguf_type="Q8_0")
+        export(mixed, work / "o2.gguf", "gguf", gguf_unverified_tokenizer=True, gguf_type="Q8_0")
     assert not list(work.glob("*o[12].gguf*"))
 
 
 def test_gguf_type_override_that_fits_every_layer(work, pico_src, w4asym):
     q = remix(w4asym, pico_src, work / "w4-sym-asym", {L0 + "mlp.up_proj": [_grid(4, 64)]})
     f = work / "w4-sym-asym.gguf"
-    assert export(q, f, "gguf")["gguf_types"] == {"Q4_0": 1, "Q4_1": 13}
+    assert export(q, f, "gguf", gguf_unverified_tokenizer=True)["gguf_types"] == {"Q4_0": 1, "Q4_1": 13}
     f2 = work / "w4-sym-asym-q41.gguf"
-    assert export(q, f2, "gguf", gguf_type="Q4_1")["gguf_type"] == "Q4_1"
+    assert export(q, f2, "gguf", gguf_unverified_tokenizer=True, gguf_type="Q4_1")["gguf_type"] == "Q4_1"
     assert set(v for k, v in _gguf_types(f2).items() if k.startswith("blk.") and not k.endswith("norm.weight")) == {"Q4_1"}
 
 
@@ -405,7 +406,7 @@ def test_lowrank_encoding_is_refused_by_every_exporter(work, pico_src, w4, fmt, 
     with QuantizedCheckpoint(q) as ck:
         assert ck.encodings(L1 + "mlp.gate_proj")[1] == {"kind": "lowrank", "rank": 4}
     with pytest.raises(WeightsmithError) as e:
-        export(q, work / out, fmt)
+        export(q, work / out, fmt, gguf_unverified_tokenizer=True)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{label} cannot store a lowrank encoding: layer model.layers.1.mlp.gate_proj (qparams lowrank_a/lowrank_b)")
     assert not (work / out).exists() and not list(work.glob(f".{out}*"))
@@ -424,7 +425,7 @@ def test_legacy_lorc_factors_are_a_lowrank_encoding(work, pico_src, w4, tmp_path
         assert ck.encodings(L1 + "mlp.up_proj") == [_grid(4, 32), {"kind": "lowrank", "rank": 2}]
         assert ck.bits == 4  # the grid is still uniform
     with pytest.raises(WeightsmithError, match=r"^GGUF cannot store a lowrank encoding: layer model\.layers\.1\.mlp\.up_proj \(qparams lorc_a/lorc_b\)"):
-        export(q, tmp_path / "l.gguf", "gguf")
+        export(q, tmp_path / "l.gguf", "gguf", gguf_unverified_tokenizer=True)
 
 
 def test_cli_export_refusal_is_one_line(work, pico_src, w4, capsys):

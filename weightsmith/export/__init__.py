@@ -34,7 +34,8 @@ def normalize_format(fmt: str) -> str:
 
 
 def export(quantized: str | Path, out: str | Path, fmt: str, *, overwrite: bool = False, gguf_type: str | None = None,
-           gguf_template: str | Path | None = None, gptq_version: str = "v1") -> dict:
+           gguf_template: str | Path | None = None, gptq_version: str = "v1", gguf_embedding_type: str | None = None,
+           gguf_output_type: str | None = None, gguf_unverified_tokenizer: bool = False) -> dict:
     """Pack the weightsmith-quantized directory ``quantized`` into ``out`` in format ``fmt``."""
     t0 = time.time()
     fmt = normalize_format(fmt)
@@ -46,11 +47,15 @@ def export(quantized: str | Path, out: str | Path, fmt: str, *, overwrite: bool 
         raise WeightsmithError(f"output directory's parent {out.parent} does not exist")
     with OutputLock(out), QuantizedCheckpoint(quantized) as ckpt:  # OUT's lock, temporary file or directory included
         if fmt == "gguf":
-            from .gguf_format import HOLDS, export_gguf, layer_types, write_atomically
+            from .gguf_format import HOLDS, check_tokenizer, export_gguf, float_type, layer_types, write_atomically
 
             check_holds(ckpt, "GGUF", HOLDS)  # refuse before any work
             layer_types(ckpt, gguf_type)
-            info = write_atomically(out, overwrite, lambda tmp: export_gguf(ckpt, tmp, gguf_type, gguf_template))
+            emb, head = float_type(gguf_embedding_type, "embedding") or "F16", float_type(gguf_output_type, "output")
+            if gguf_template is None:
+                check_tokenizer(ckpt.dir, gguf_unverified_tokenizer)
+            info = write_atomically(out, overwrite, lambda tmp: export_gguf(ckpt, tmp, gguf_type, gguf_template, emb, head,
+                                                                            gguf_unverified_tokenizer))
         else:
             if fmt == "compressed-tensors":
                 from .compressed_tensors import HOLDS, check_compressed_tensors, export_compressed_tensors as run

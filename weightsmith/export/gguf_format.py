@@ -25,12 +25,15 @@ refused naming a layer that does not fit; a grid no type holds (3-bit, 8-bit asy
 naming its layer. ``general.file_type`` is the most common type. Layers without a grid (float, or
 only pruned: exact zeros) are written as F16 like every other matrix; low rank is refused (``HOLDS``).
 
-Tensors we do not quantize: 1-D (norms, biases) as F32 (llama.cpp requires it), matrices
-(embeddings, an untied head) as F16. For Llama-style models the q/k rows are permuted as llama.cpp's
-``convert_hf_to_gguf.py`` does (a row permutation: exact for per-row codes and scales).
-Metadata and tokenizer: from the config and ``tokenizer.json``; or, with ``template=`` a GGUF of the
-same model (e.g. the llama.cpp file a float model came from), its ``general.*`` and ``tokenizer.*``
-keys are copied as they are — that is what makes llama.cpp's pre-tokenizer choice exact.
+Tensors we do not quantize: 1-D (norms, biases) as F32 (llama.cpp requires it), matrices as F16,
+except the token embedding and an untied output head, whose type ``embedding_type`` / ``output_type``
+choose (``--gguf-embedding-type Q8_0`` gives the size of llama.cpp's own Q4_0 file; F16, the default,
+keeps the weights the report measured). For Llama-style models the q/k rows are permuted as
+llama.cpp's ``convert_hf_to_gguf.py`` does (a row permutation: exact for per-row codes and scales).
+Metadata from the config; the tokenizer through gguf-py (``gguf_vocab``: the pre-tokenizer llama.cpp
+needs is identified from ``tokenizer.json`` or the export is refused); or, with ``template=`` a GGUF of
+the same model (e.g. the llama.cpp file a float model came from), its ``tokenizer.*`` keys are copied
+as they are.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import torch
 
 from ..errors import WeightsmithError
 from .common import QuantizedCheckpoint, QuantLayer
+from .gguf_vocab import check_tokenizer, write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,21 @@ KQUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 PERMUTE_QK = {"llama"}
 FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # LlamaFileType MOSTLY_*
+
+
+# Types for the matrices we do not quantize (token embedding, an untied output head): F16 keeps what we
+# measured; the others round them to nearest with gguf-py's quantizer, as llama.cpp's own Q4_0 file does
+# (its token_embd is Q8_0 when the width is not a multiple of 256): smaller, and no longer what the report measured.
+FLOAT_TYPES = ("F16", "F32", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+
+
+def float_type(requested: str | None, what: str) -> str | None:
+    if requested is None:
+        return None
+    t = requested.upper()
+    if t not in FLOAT_TYPES:
+        raise WeightsmithError(f"unsupported GGUF {what} type {requested!r}; choose one of {', '.join(FLOAT_TYPES)}")
+    return t
 
 
 HOLDS = frozenset({"grid", "sparsity"})  # sparsity: as exact zeros in F16 tensors or (up to fp16 rounding) in the blocks
@@ -155,7 +174,8 @@ def _rope_scaling(cfg: dict) -> dict | None:
     return rs if kind not in (None, "default") else None
 
 
-def export_gguf(ckpt: QuantizedCheckpoint, out: Path, qtype: str | None = None, template: str | Path | None = None) -> dict:
+def export_gguf(ckpt: QuantizedCheckpoint, out: Path, qtype: str | None = None, template: str | Path | None = None,
+                embedding_type: str = "F16", output_type: str | None = None, unverified_tokenizer: bool = False) -> dict:
     import gguf
 
     types = layer_types(ckpt, qtype)
@@ -198,8 +218,9 @@ def export_gguf(ckpt: QuantizedCheckpoint, out: Path, qtype: str | None = None, 
         w.add_quantized_by(f"weightsmith ({ckpt.method.get('name', '?')} mixed: {mixed or 'float'})")
     if template is not None:
         _copy_template_kv(w, Path(template))
+        pre = "(template)"
     else:
-        _write_tokenizer(w, ckpt.dir, int(cfg["vocab_size"]))
+        pre = write_tokenizer(w, ckpt.dir, int(cfg["vocab_size"]), unverified_tokenizer)
 
     layers = set(ckpt.layers)
     counts = {"quantized": 0, "f16": 0, "f32": 0}
@@ -222,16 +243,22 @@ def export_gguf(ckpt: QuantizedCheckpoint, out: Path, qtype: str | None = None, 
         if x.ndim == 1:
             w.add_tensor(name, x.numpy().astype(np.float32))
             counts["f32"] += 1
-        else:
-            w.add_tensor(name, x.numpy().astype(np.float16))
-            counts["f16"] += 1
+            continue
+        ftype = embedding_type if name.startswith("token_embd.") else (output_type or embedding_type) if name.startswith("output.") else "F16"
+        if ftype in ("F16", "F32"):
+            w.add_tensor(name, x.numpy().astype(np.float16 if ftype == "F16" else np.float32))
+        else:  # round-to-nearest in llama.cpp's own block format, by gguf-py's quantizer
+            qt = gguf.GGMLQuantizationType[ftype]
+            w.add_tensor(name, gguf.quants.quantize(x.numpy().astype(np.float32), qt), raw_dtype=qt)
+        counts[ftype.lower()] = counts.get(ftype.lower(), 0) + 1
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    if len(counts_t) <= 1:
-        return {"gguf_type": t, "tensors": counts}
-    return {"gguf_type": t, "gguf_types": dict(sorted(counts_t.items())), "tensors": counts}
+    info = {"gguf_type": t, "tensors": counts, "pre_tokenizer": pre}
+    if len(counts_t) > 1:
+        info["gguf_types"] = dict(sorted(counts_t.items()))
+    return info
 
 
 def _copy_template_kv(w, template: Path) -> None:
@@ -250,74 +277,6 @@ def _copy_template_kv(w, template: Path) -> None:
             w.add_key_value(key, val, vtype, sub_type=field.types[-1])
         else:
             w.add_key_value(key, val, vtype)
-
-
-def _write_tokenizer(w, d: Path, vocab_size: int) -> None:
-    """tokenizer.ggml.* from a HF ``tokenizer.json`` (BPE: byte-level → ``gpt2``, else ``llama``)."""
-    tj = d / "tokenizer.json"
-    if not tj.is_file():
-        raise WeightsmithError(f"{d} has no tokenizer.json; GGUF needs the tokenizer (or pass a GGUF template)")
-    tok = json.loads(tj.read_text(encoding="utf-8"))
-    tcfg_path = d / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_path.read_text(encoding="utf-8")) if tcfg_path.is_file() else {}
-    model = tok.get("model", {})
-    vocab: dict[str, int] = dict(model.get("vocab") or {})
-    added = {a["content"]: a for a in tok.get("added_tokens", [])}
-    for a in added.values():
-        vocab.setdefault(a["content"], a["id"])
-    n = max(vocab_size, max(vocab.values()) + 1 if vocab else 0)
-    tokens = [f"[PAD{i}]" for i in range(n)]
-    types = [gguf_token_type("unused")] * n
-    for tkn, i in vocab.items():
-        tokens[i] = tkn
-        a = added.get(tkn)
-        types[i] = gguf_token_type("control" if a and a.get("special") else "user" if a else "normal")
-    byte_level = "ByteLevel" in json.dumps(tok.get("pre_tokenizer")) or "ByteLevel" in json.dumps(tok.get("decoder"))
-    kind = model.get("type")
-    if kind not in ("BPE", "WordLevel"):
-        raise WeightsmithError(f"GGUF export writes BPE tokenizers; {tj} holds a {kind} model")
-    if kind == "WordLevel":
-        log.warning("word-level tokenizer written as a merge-free BPE vocabulary: llama.cpp will not tokenize text as the original does")
-    w.add_tokenizer_model("gpt2" if byte_level or kind == "WordLevel" else "llama")
-    w.add_tokenizer_pre(_pre_name(tok))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    if not (byte_level or kind == "WordLevel"):
-        w.add_token_scores([-float(i) for i in range(n)])
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    w.add_token_merges(merges)
-    for attr, adder in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id), ("unk_token", w.add_unk_token_id), ("pad_token", w.add_pad_token_id)):
-        v = tcfg.get(attr)
-        v = v.get("content") if isinstance(v, dict) else v
-        if v is not None and v in vocab:
-            adder(vocab[v])
-    w.add_add_bos_token(bool(tcfg.get("add_bos_token", False)))
-    tmpl = tcfg.get("chat_template")
-    if tmpl is None and (d / "chat_template.jinja").is_file():
-        tmpl = (d / "chat_template.jinja").read_text(encoding="utf-8")
-    if isinstance(tmpl, str):
-        w.add_chat_template(tmpl)
-
-
-def gguf_token_type(kind: str) -> int:
-    import gguf
-
-    return {"normal": gguf.TokenType.NORMAL, "control": gguf.TokenType.CONTROL, "user": gguf.TokenType.USER_DEFINED,
-            "unused": gguf.TokenType.UNUSED}[kind]
-
-
-def _pre_name(tok: dict) -> str:
-    """llama.cpp's pre-tokenizer name, from the split regex when transformers knows it; else ``default``."""
-    text = json.dumps(tok.get("pre_tokenizer"))
-    try:
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-    except ImportError:  # pragma: no cover - older transformers
-        GGUF_PRE_TOKENIZER_SPLITS = {}
-    for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
-        if json.dumps(regex)[1:-1] in text:
-            return name
-    log.warning("pre-tokenizer not recognised: GGUF says 'default'; pass a GGUF of the same model as template for llama.cpp's exact choice")
-    return "default"
 
 
 def write_atomically(out: Path, overwrite: bool, fn) -> dict:
