@@ -69,12 +69,23 @@ def _export_options(p: argparse.ArgumentParser, in_quantize: bool) -> None:
     x.add_argument("--format", dest="format", required=not in_quantize,
                    help="compressed-tensors | gptq | gguf" + (" — write OUT packed in this format (the dequantized model is an intermediate, removed afterwards)" if in_quantize else ""))
     x.add_argument("--gguf-type", help="GGUF: Q4_0 (W4 sym), Q4_1 (W4) or Q8_0 (W8 sym); default: the one matching the grid")
-    x.add_argument("--gguf-template", help="GGUF: a .gguf of the same model whose tokenizer.* metadata is copied as is (llama.cpp's exact pre-tokenizer)")
+    x.add_argument("--gguf-template", help="GGUF: a .gguf of the same model whose tokenizer.* metadata is copied as is "
+                   "(otherwise the tokenizer is written from tokenizer.json, refused when llama.cpp would split text differently)")
+    x.add_argument("--gguf-embedding-type", type=str.upper, choices=["F16", "F32", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"],
+                   help="GGUF: type of the token embedding (default F16: the weights the report measured; Q8_0 gives the size of "
+                   "llama.cpp's own Q4_0 file, rounded to nearest and no longer what was measured)")
+    x.add_argument("--gguf-output-type", type=str.upper, choices=["F16", "F32", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"],
+                   help="GGUF: type of an untied output head (default: the embedding's)")
+    x.add_argument("--gguf-unverified-tokenizer", action="store_true",
+                   help="GGUF: write a tokenizer llama.cpp would split differently (a word-level one, unknown split rules) with a "
+                   "warning instead of refusing")
     x.add_argument("--gptq-version", choices=["v1", "v2"], default="v1", help="GPTQ: checkpoint_format gptq (v1, zeros stored minus one; default) or gptq_v2")
 
 
 def _export_kwargs(a: argparse.Namespace) -> dict:
-    return {"gguf_type": a.gguf_type, "gguf_template": a.gguf_template, "gptq_version": a.gptq_version}
+    return {"gguf_type": a.gguf_type, "gguf_template": a.gguf_template, "gptq_version": a.gptq_version,
+            "gguf_embedding_type": a.gguf_embedding_type, "gguf_output_type": a.gguf_output_type,
+            "gguf_unverified_tokenizer": a.gguf_unverified_tokenizer}
 
 
 UNPREFIXED_KINDS = ("quantizer", "pruner")  # their options are flags of their own name: --damp, --sparsity; others: --lorc-rank
@@ -252,6 +263,13 @@ def _quantize_and_export(a: argparse.Namespace, cfg) -> tuple[dict, dict]:
     check_output(out, [a.model, cfg.calib.path, a.gguf_template], overwrite=a.overwrite, kind="file" if fmt == "gguf" else "dir",
                  extra=[inter, inter.parent / f"{inter.name}.partial"])
     _check_format_grids(cfg, fmt, a.gguf_type)  # refuse an impossible grid before spending the quantization on it
+    if fmt == "gguf" and a.gguf_template is None:  # and a tokenizer llama.cpp would split differently
+        if Path(a.model).is_file() and Path(a.model).suffix.lower() == ".gguf":
+            a.gguf_template = a.model  # a GGUF source: its own tokenizer keys are the exact ones
+        else:
+            from .export.gguf_vocab import check_tokenizer
+
+            check_tokenizer(Path(a.model), a.gguf_unverified_tokenizer)
     rank0 = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun, rank 0 writes (and locks) the output
     with OutputLock(out) if rank0 else contextlib.nullcontext():  # OUT is ours for the whole run: quantization and export
         # the intermediate is replaced (or an interrupted one in its .partial discarded) only with --overwrite
@@ -376,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cross-entropy, float32), and with --reference the mean per-token KL(reference‖model) and top-1 "
                                    "agreement. Prints one JSON line.")
     e.add_argument("model", help="model directory (float, weightsmith, compressed-tensors or GPTQ format) or .gguf file")
-    e.add_argument("--text", required=True, help="evaluation text file (UTF-8)")
+    e.add_argument_group("required").add_argument("--text", required=True, help="evaluation text file (UTF-8)")
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--windows", type=int, default=64, help="number of consecutive windows evaluated (default 64)")
     e.add_argument("--reference", help="the original model: adds KL(original‖model) and top-1 agreement (cosine for encoders)")
