@@ -39,6 +39,20 @@ def make_tokenizer(words: list[str] = WORDS, model_max_length: int = 4096) -> Pr
 H, I, L = 64, 128, 2  # hidden, intermediate, blocks
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _calib_cache(tmp_path_factory):
+    """Rows sampled from a model are cached on disk: in the tests, in the session's temporary directory."""
+    import os
+
+    old = os.environ.get("WEIGHTSMITH_CALIB_CACHE")
+    os.environ["WEIGHTSMITH_CALIB_CACHE"] = str(tmp_path_factory.mktemp("calib-cache"))
+    yield
+    if old is None:
+        os.environ.pop("WEIGHTSMITH_CALIB_CACHE", None)
+    else:
+        os.environ["WEIGHTSMITH_CALIB_CACHE"] = old
+
+
 def pico_config(arch: str, layers: int = L, hidden: int = H, inter: int = I, **overrides):
     cfg = _pico_config(arch, layers, hidden, inter)
     for k, v in overrides.items():

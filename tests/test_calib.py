@@ -317,3 +317,43 @@ def test_build_calibration_missing_file(tmp_path: Path, tokenizer: PreTrainedTok
     cfg = CalibConfig(path=str(tmp_path / "missing.txt"), nsamples=2, seqlen=8)
     with pytest.raises(WeightsmithError, match="missing.txt does not exist"):
         build_calibration(cfg, tokenizer, never_load, progress=False)
+
+
+def test_generated_calibration_is_cached_by_model_and_arguments(tiny_llama, tokenizer, tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("WEIGHTSMITH_CALIB_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def load():
+        calls.append(1)
+        return tiny_llama
+
+    fp = {"origin": "/m", "files": {"model.safetensors": {"size": 1, "mtime_ns": 2}}}
+    cfg = CalibConfig(path=None, nsamples=3, seqlen=8, seed=5)
+    first = build_calibration(cfg, tokenizer, load, progress=False, fingerprint=fp).ids
+    again = build_calibration(cfg, tokenizer, load, progress=False, fingerprint=fp).ids
+    assert calls == [1] and torch.equal(first, again)  # read back: the model is not even loaded
+    assert torch.equal(first, generate_samples(tiny_llama, tokenizer, 3, 8, 5, progress=False))
+    entries = list((tmp_path / "cache").glob("*.safetensors"))
+    assert len(entries) == 1 and not list((tmp_path / "cache").glob(".*"))  # no temporary file left
+    other = build_calibration(CalibConfig(path=None, nsamples=3, seqlen=8, seed=6), tokenizer, load, progress=False, fingerprint=fp).ids
+    changed = build_calibration(cfg, tokenizer, load, progress=False, fingerprint={**fp, "origin": "/other"}).ids
+    assert calls == [1, 1, 1] and not torch.equal(other, first) and torch.equal(changed, first)  # new keys sample again
+    entries[0].write_bytes(b"garbage")  # a corrupt entry is sampled again and replaced
+    assert torch.equal(build_calibration(cfg, tokenizer, load, progress=False, fingerprint=fp).ids, first)
+    assert len(calls) == 4 and "sampling again" in caplog.text
+    assert torch.equal(build_calibration(cfg, tokenizer, load, progress=False, fingerprint=fp).ids, first) and len(calls) == 4
+
+
+def test_a_short_calibration_text_stretched_into_overlapping_windows_is_warned(tokenizer, tmp_path, caplog) -> None:
+    f = tmp_path / "short.txt"
+    f.write_text(" ".join(["alpha beta gamma delta"] * 20), encoding="utf-8")  # 80 words
+    calib = build_calibration(CalibConfig(path=str(f), nsamples=16, seqlen=16), tokenizer, never_load, progress=False)
+    assert calib.ids.shape == (16, 16)
+    msg = next(r.getMessage() for r in caplog.records if "overlap" in r.getMessage())
+    n = calib.source["tokens"]
+    assert f"holds {n} tokens, fewer than the 16×16 = 256 asked" in msg
+    distinct = int(msg.split("cover only ")[1].split(" ")[0])
+    assert 16 <= distinct <= n
+    caplog.clear()
+    build_calibration(CalibConfig(path=str(f), nsamples=2, seqlen=16), tokenizer, never_load, progress=False)
+    assert "overlap" not in caplog.text

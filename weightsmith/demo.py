@@ -46,30 +46,40 @@ def float_smollm2(dest: Path) -> Path:
     return dest
 
 
-def _calib_ids(float_dir: Path, n: int, seqlen: int, progress: bool) -> torch.Tensor:
-    """``n`` calibration windows sampled from the model (seed 0), once for the whole demo."""
-    from .calib import generate_samples
-    from .safety import from_pretrained
+EVAL_WINDOWS = 16
+
+
+def _sampled(float_dir: Path, n: int, seqlen: int, seed: int, progress: bool) -> tuple[torch.Tensor, object]:
+    """``n`` rows of ``seqlen`` tokens sampled from the model, cached by (model, n, seqlen, seed); and the tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .calib import cached_samples, generate_samples
+    from .model.source import CheckpointSource
+    from .safety import from_pretrained
+
     tok = from_pretrained(AutoTokenizer, float_dir)
-    model = from_pretrained(AutoModelForCausalLM, float_dir, dtype=torch.float32).eval()
-    return generate_samples(model, tok, n, seqlen, seed=0, progress=progress)
+
+    def sample():
+        model = from_pretrained(AutoModelForCausalLM, float_dir, dtype=torch.float32).eval()
+        return generate_samples(model, tok, n, seqlen, seed=seed, progress=progress)
+
+    return cached_samples(CheckpointSource(float_dir).fingerprint(), sample, n, seqlen, seed), tok
+
+
+def _calib_ids(float_dir: Path, n: int, seqlen: int, progress: bool) -> torch.Tensor:
+    """``n`` calibration windows sampled from the model (seed 0), once for the whole demo (and cached)."""
+    return _sampled(float_dir, n, seqlen, 0, progress)[0]
 
 
 def _eval_text(float_dir: Path, path: Path, n: int, seqlen: int, progress: bool) -> Path:
-    """Held-out evaluation text: sampled from the float model with a seed the calibration never uses."""
+    """Held-out evaluation text: ``n`` rows sampled from the float model with a seed the calibration never
+    uses, decoded; ``n`` exceeds the windows evaluated, as decoding and re-tokenizing loses a few tokens."""
     if path.is_file():
         return path
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .calib import generate_samples
-    from .safety import from_pretrained
-
-    tok = from_pretrained(AutoTokenizer, float_dir)
-    model = from_pretrained(AutoModelForCausalLM, float_dir, dtype=torch.float32).eval()
-    ids = generate_samples(model, tok, n, seqlen, seed=1234, progress=progress)
-    path.write_text("\n\n".join(tok.decode(row, skip_special_tokens=True) for row in ids), encoding="utf-8")
+    ids, tok = _sampled(float_dir, n, seqlen, 1234, progress)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text("\n\n".join(tok.decode(row, skip_special_tokens=True) for row in ids), encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
@@ -81,7 +91,7 @@ def run_demo(workdir: str | Path | None = None, nsamples: int = 32, seqlen: int 
     work = Path(workdir) if workdir else Path.home() / ".cache" / "weightsmith" / "demo"
     work.mkdir(parents=True, exist_ok=True)
     float_dir = float_smollm2(work / "smollm2-135m-f32")
-    text = _eval_text(float_dir, work / "eval_text.txt", 12, seqlen, progress)
+    text = _eval_text(float_dir, work / f"eval_text_{EVAL_WINDOWS + 2}x{seqlen}.txt", EVAL_WINDOWS + 2, seqlen, progress)
     calib = _calib_ids(float_dir, nsamples, seqlen, progress)  # sampled once, for every method that needs data
     rows = {}
     for name, method in (("RTN", "rtn"), ("GPTQ", "gptq"), (f"default ({DEFAULT_RECIPE})", None)):
@@ -89,7 +99,7 @@ def run_demo(workdir: str | Path | None = None, nsamples: int = 32, seqlen: int 
         out = work / f"smollm2-135m-w4g64-{cfg.recipe}"
         log.info("quantizing with %s (W4 g64 sym)%s", cfg.recipe, "" if cfg.needs() else ", no calibration needed")
         rep = quantize(float_dir, cfg, calib if cfg.needs() else None, out=out, overwrite=True, progress=progress)
-        ev = evaluate(out, text_path=text, seqlen=seqlen, windows=16, reference=float_dir, progress=progress)
+        ev = evaluate(out, text_path=text, seqlen=seqlen, windows=EVAL_WINDOWS, reference=float_dir, progress=progress)
         s = rep["summary"]
         rows[name] = {"perplexity": ev["perplexity"], "kl": ev["kl"], "top1": ev["top1"], "float_perplexity": ev["reference_perplexity"],
                       "quantize_s": rep["wall_time_s"], "peak_rss_mb": rep["peak_rss_mb"], "mean_layer_error": s.get("mean_error"),

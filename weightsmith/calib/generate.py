@@ -8,12 +8,20 @@ config of the checkpoint changes the distribution and every row has exactly ``se
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from ..errors import WeightsmithError
+
+log = logging.getLogger(__name__)
+BATCH = 32  # rows sampled per forward step (one step per token, whatever the batch: more rows per step, fewer steps)
 
 
 def start_token_id(tokenizer: Any) -> int:
@@ -38,7 +46,7 @@ def generate_samples(
     nsamples: int,
     seqlen: int,
     seed: int,
-    batch_size: int = 16,
+    batch_size: int = BATCH,
     progress: bool = True,
 ) -> torch.Tensor:
     """``nsamples`` rows of ``seqlen`` tokens sampled from ``model``, as a CPU LongTensor.
@@ -102,4 +110,43 @@ def _sample_batch(
         ids[:, t] = sample_tokens(out.logits[:, -1, :], gen)
         step_input = ids[:, t : t + 1]
         bar.update(size)
+    return ids
+
+
+def cache_root() -> Path:
+    """``$WEIGHTSMITH_CACHE`` or ``~/.cache/weightsmith`` (``$XDG_CACHE_HOME`` respected)."""
+    root = os.environ.get("WEIGHTSMITH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "weightsmith")
+    return Path(root)
+
+
+def cached_samples(fingerprint: dict, sample, nsamples: int, seqlen: int, seed: int, batch_size: int = BATCH) -> torch.Tensor:
+    """``sample()`` (which must return what :func:`generate_samples` returns for these arguments), cached on
+    disk (``$WEIGHTSMITH_CALIB_CACHE``, else ``calib/`` in :func:`cache_root`) by (model fingerprint, nsamples,
+    seqlen, seed, batch size): a second run on the same model
+    reads the rows instead of sampling them again. Stored as safetensors (no pickle), written to a
+    temporary file and renamed; an unreadable or mismatching entry is sampled again and replaced."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    key = json.dumps({"model": fingerprint, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "batch_size": batch_size,
+                      "sampler": "inverse-cdf multinomial T=1 v1"}, sort_keys=True)
+    root = Path(os.environ["WEIGHTSMITH_CALIB_CACHE"]) if os.environ.get("WEIGHTSMITH_CALIB_CACHE") else cache_root() / "calib"
+    path = root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+    if path.is_file():
+        try:
+            ids = load_file(str(path)).get("ids")
+            if ids is not None and ids.dtype == torch.long and tuple(ids.shape) == (nsamples, seqlen):
+                log.info("calibration: %d sampled rows of %d tokens read from the cache %s", nsamples, seqlen, path)
+                return ids
+        except (OSError, SafetensorError, ValueError):
+            pass
+        log.warning("calibration cache entry %s is unreadable or does not match; sampling again", path)
+    ids = sample()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        save_file({"ids": ids.contiguous()}, str(tmp), metadata={"key": key})
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only or full cache: the run goes on without it
+        log.warning("could not cache the sampled calibration rows in %s: %s", path.parent, e)
     return ids
