@@ -209,7 +209,14 @@ def _plan(lm: LazyModel, cfg: QuantizeConfig, planner, ids: torch.Tensor, tmp: P
             return [Rule(**r) for r in saved["rules"]], saved["plan"]
     t0 = time.time()
     spec = registry.get(planner.name)
-    measurements = measure_pass(lm, cfg, ids, planner, progress)
+    fisher = None
+    if "out_fisher" in spec.planner.needs_of(planner):
+        from .engine.fisher import output_fisher
+
+        n = int(getattr(planner, "fisher_samples", 0) or ids.shape[0])
+        names = [l.name for i in range(len(lm.blocks)) for l in lm.layers(i, cfg.ignore)]
+        fisher = output_fisher(lm, ids[:n], names, progress=progress)
+    measurements = measure_pass(lm, cfg, ids, planner, progress, fisher=fisher)
     rules, summary = spec.planner.plan(measurements, planner, cfg)
     plan = {**summary, "measure_seconds": round(time.time() - t0, 2)}
     _write_json_atomic(path, {"key": key, "rules": rules, "plan": plan, "measurements": measurements})
@@ -299,6 +306,6 @@ def _calibration(cfg: QuantizeConfig, source: CheckpointSource, lm: LazyModel, c
             raise WeightsmithError(f"no calibration text given and {source.origin} is not a causal LM that can write its own; pass --calib FILE")
         return from_pretrained(AutoModelForCausalLM, source.dir, dtype=torch.float32).eval()
 
-    calib = build_calibration(cfg.calib, tok, load_model, progress=progress, vocab_size=vocab)
+    calib = build_calibration(cfg.calib, tok, load_model, progress=progress, vocab_size=vocab, fingerprint=source.fingerprint())
     gc.collect()
     return calib.ids, calib.source

@@ -366,7 +366,7 @@ class QuantizeConfig(Strict):
                 spec = registry.get(s.name)
                 out |= spec.needs(s)
                 if spec.planner is not None:
-                    out |= spec.planner.needs
+                    out |= spec.planner.needs_of(s)
         return frozenset(out)
 
     def float_samples(self) -> int | None:

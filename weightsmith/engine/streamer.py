@@ -22,6 +22,7 @@ Peak memory is one block plus the calibration activations, whatever the number o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 QPARAMS_DIR = "qparams"
 PROBE_TOKENS = 8
-CALIBRATED = {"H", "input_norms", "dXX", "float_block", "float_targets", "grad"}
+CALIBRATED = {"H", "input_norms", "dXX", "float_block", "float_targets", "grad", "out_fisher"}
 FLOAT_PATH = {"dXX", "float_targets"}
 
 
@@ -317,9 +318,10 @@ def stream_quantize(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor | None
 
 
 def measure_pass(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor, planner_cfg, progress: bool = True,
-                 on_block: Callable[[int], None] | None = None) -> list[dict]:
+                 on_block: Callable[[int], None] | None = None, fisher: dict | None = None) -> list[dict]:
     """The first pass of a planner: the float model's statistics per layer group (non-sequential, one
-    forward per block), and the planner's measurements of its candidate settings for each group."""
+    forward per block), and the planner's measurements of its candidate settings for each group.
+    ``fisher`` (layer → per-output Fisher, ``engine/fisher.py``) fills ``stats.out_fisher``."""
     spec = registry.get(planner_cfg.name)
     lm.load_outside()
     chunks = capture_chunks(lm, ids, cfg.chunk_size)
@@ -344,6 +346,8 @@ def measure_pass(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor, planner_
                 return
             ws = [get_weight(layers[r]).float() for r in g.names]
             W = torch.cat(ws, 0)
+            if fisher is not None:
+                stats = dataclasses.replace(stats, out_fisher=torch.cat([fisher[prefix + r] for r in g.names]))
             out.append({"layers": [prefix + r for r in g.names], "numel": int(W.numel()), "rows": [int(w.shape[0]) for w in ws],
                         "measure": spec.planner.measure(W, stats, settings.grid, planner_cfg, [int(w.shape[0]) for w in ws], cfg)})
 

@@ -5,7 +5,9 @@ A planner step (``--target-bpw X``, or ``bitalloc:target_bpw=X`` first in a reci
 apply: a first pass over the float model gives each layer group's statistics ``H``; for every
 candidate grid (``bits`` × ``group_sizes``) the group is quantized (GPTQ with the recipe's
 quantizer options, or RTN) and its error recorded — the relative output error ‖ΔW X‖²/‖W X‖² of each
-of its layers, summed (``objective: relative``), or the absolute ``tr(E H Eᵀ)`` (``absolute``) — with
+of its layers, summed (``objective: relative``), the absolute ``tr(E H Eᵀ)`` (``absolute``), or the
+estimated loss increase ``½ Σ_i f_i (E H Eᵀ)_ii`` with ``f`` the float model's output Fisher of the layer
+(``fisher``; ``engine/fisher.py``: each output weighted by how much the loss cares about it) — with
 its storage in bits counted as the report counts them (codes, 16-bit scales, zero points of
 asymmetric grids, a permuting ``g_idx``). Choosing one candidate per group to minimise the summed
 error under ``Σ bits ≤ X · Σ weights`` is a multiple-choice knapsack, solved by dynamic programming
@@ -38,7 +40,10 @@ class BitAllocConfig(Strict):
     bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 8], description="candidate bit widths")
     group_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128], description="candidate group sizes (-1: per output row)")
     measure_with: Literal["recipe", "rtn"] = Field("recipe", description="recipe: the recipe's GPTQ-family quantizer as plain GPTQ (RTN if it has none); rtn: round-to-nearest")
-    objective: Literal["relative", "absolute"] = Field("relative", description="summed relative layer output errors, or absolute tr(E H Eᵀ)")
+    objective: Literal["relative", "absolute", "fisher"] = Field(
+        "relative", description="summed relative layer output errors; absolute tr(E H Eᵀ); or fisher: Σ_i f_i (E H Eᵀ)_ii, each output "
+        "weighted by the float model's mean squared loss gradient there (an estimate of the loss increase; one extra forward+backward)")
+    fisher_samples: int = Field(16, ge=1, description="objective fisher: calibration windows of the forward+backward that measures f")
     resolution: int = Field(4000, ge=100, le=100000, description="budget steps of the knapsack")
 
     @field_validator("bits")
@@ -83,11 +88,15 @@ def measure(W: torch.Tensor, stats, grid, cfg: BitAllocConfig, sizes: list[int],
             base = rtn_quantize(W, g)
             res = base if gq is None else family_quantize(W, H, g, gq, base=base, stats=stats)
             E = res.weight - W
-            errs = [float(((e @ H) * e).sum()) for e in E.split(sizes, 0)]
+            rows = ((E @ H) * E).sum(1)  # (E H Eᵀ)_ii per stacked output row
+            errs = [float(r.sum()) for r in rows.split(sizes, 0)]
             enc = Grid(b, gs, g.sym, res.scale, res.zero, res.g_idx)
             bits = sum(enc.bits((W.shape[0], W.shape[1])).values())
-            out.append({"bits": b, "group_size": gs, "storage_bits": int(bits),
-                        "relative": sum(e / d if d > 0 else 0.0 for e, d in zip(errs, den)), "absolute": sum(errs)})
+            m = {"bits": b, "group_size": gs, "storage_bits": int(bits),
+                 "relative": sum(e / d if d > 0 else 0.0 for e, d in zip(errs, den)), "absolute": sum(errs)}
+            if stats.out_fisher is not None:
+                m["fisher"] = 0.5 * float((stats.out_fisher.double() * rows.double()).sum())
+            out.append(m)
     return out
 
 
@@ -161,4 +170,8 @@ def _plan_step(measurements, cfg, qcfg):
     return plan(measurements, cfg, qcfg)
 
 
-register("bitalloc", BitAllocConfig, kind="planner", needs=(), planner=Planner(measure, plan, frozenset({"H"})))(_plan_step)
+def _needs(cfg: BitAllocConfig) -> frozenset:
+    return frozenset({"H", "out_fisher"} if cfg.objective == "fisher" else {"H"})
+
+
+register("bitalloc", BitAllocConfig, kind="planner", needs=(), planner=Planner(measure, plan, _needs))(_plan_step)

@@ -51,6 +51,7 @@ NEEDS = {
     "float_block": "a float copy of each block, run on the quantized-path inputs (block steps)",
     "float_targets": "the float model's block outputs on its own float-path inputs (block steps)",
     "grad": "autograd on the block's forward (block steps)",
+    "out_fisher": "per output channel of every layer, the mean squared gradient of the float model's loss (one forward and backward)",
 }
 PLUGIN_GROUP = "weightsmith.steps"
 
@@ -67,13 +68,16 @@ class LayerStats:
     - ``dXX = (X̃ − X)ᵀ X / N`` (in, in) float32, so ``dXX[i, j] = mean_t ΔX[t, i]·X[t, j]`` — the
       GPTAQ paper's ``ΔX Xᵀ`` in its (features × tokens) layout. ``H + dXX = X̃ᵀX / N``. The mean
       runs over the rows that carry the float path. None unless a step needs ``dXX``;
-    - ``norms``: ``‖X_j‖₂ / sqrt(N)`` per input channel (= ``sqrt(diag H)``), always filled.
+    - ``norms``: ``‖X_j‖₂ / sqrt(N)`` per input channel (= ``sqrt(diag H)``), always filled;
+    - ``out_fisher``: per output row of the stacked group, the mean squared gradient of the float
+      model's loss at that output (``engine/fisher.py``); None unless a planner needs ``out_fisher``.
     """
 
     H: Optional[torch.Tensor]
     n: int = 0
     dXX: Optional[torch.Tensor] = None
     norms: Optional[torch.Tensor] = None
+    out_fisher: Optional[torch.Tensor] = None  # (rows of the stacked group,) float32: engine/fisher.py; planners only
 
 
 @dataclass
@@ -119,7 +123,10 @@ class Planner:
 
     measure: Callable
     plan: Callable
-    needs: frozenset = frozenset({"H"})
+    needs: frozenset | Callable = frozenset({"H"})  # or cfg -> frozenset
+
+    def needs_of(self, cfg) -> frozenset:
+        return frozenset(self.needs(cfg) if callable(self.needs) else self.needs)
 
 
 _REGISTRY: dict[str, Step] = {}
