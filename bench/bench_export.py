@@ -1,4 +1,4 @@
-"""Export benchmark (issue 5): SmolLM2-135M GPTQ W4 g64 (protocol of ../shared/data/README.md) exported
+"""Export benchmark (issue 5): SmolLM2-135M GPTQ W4 g64 (protocol of bench/PROTOCOL.md) exported
 to compressed-tensors, GPTQ format and GGUF Q4_0; size on disk, export time, load time (fresh process)
 and perplexity of each as loaded back by its own loader.
 
@@ -83,7 +83,7 @@ def main() -> None:
         rows[name].update({"perplexity": e["perplexity"], "kl_vs_float": e["kl"], "top1_vs_float": e["top1"]})
     rows["float32"]["perplexity"] = rows[shipped_name]["perplexity"] = next(iter(ev.values()))["reference_perplexity"]
     lines = ["SmolLM2-135M, GPTQ W4 g64 symmetric (128×512 wiki.calib), perplexity on the first 64×512 tokens of wiki.eval "
-             "(protocol of ../shared/data/README.md), float32 on CPU, 2 cores. Load time: `load_for_eval` in a fresh process "
+             "(protocol of bench/PROTOCOL.md), float32 on CPU, 2 cores. Load time: `load_for_eval` in a fresh process "
              "(compressed-tensors and GGUF through transformers; GPTQ through weightsmith's unpacker, GPTQModel not installed).", "",
              "| model | size on disk MB | export s | load s | perplexity | KL vs float | top-1 vs float |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():

