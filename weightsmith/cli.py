@@ -21,7 +21,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="YAML recipe (method:, grid:, calib:, ...); flags given here override it")
     m = p.add_argument_group("recipe")
     m.add_argument("--method", help="the recipe: steps in order, comma-separated, each NAME[:OPTION=VALUE...]; kinds in this order: "
-                                    "planner (bitalloc), transform (awq), pruner (magnitude, wanda, sparsegpt), one quantizer (rtn, gptq, gptaq, foem, "
+                                    "planner (bitalloc, owl), transform (awq), pruner (magnitude, wanda, sparsegpt), one quantizer (rtn, gptq, gptaq, foem, "
                                     "rescomp or a +-combination such as gptaq+foem), correction (lorc), block step (tune_scales). "
                                     f"Default: {default_recipe_text()}. E.g. awq,gptaq+foem,lorc:rank=16 or magnitude:pattern=2:4,gptq")
     m.add_argument("--set", dest="sets", action="append", default=[], metavar="STEP.OPTION=VALUE",
@@ -151,6 +151,9 @@ def _steps_from_args(a: argparse.Namespace, data: dict) -> tuple[dict, list[dict
             st[opt] = val
     if a.target_bpw is not None:
         planners = [st for st in steps if _step_kind(st) == "planner"]
+        if planners and registry.canonical_name(planners[0]["name"]) != "bitalloc":
+            raise WeightsmithError(f"--target-bpw adds the planner bitalloc, but the recipe already has the planner {planners[0]['name']}; "
+                                   "a run applies one plan")
         if planners:
             planners[0]["target_bpw"] = a.target_bpw
         else:
