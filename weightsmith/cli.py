@@ -314,8 +314,16 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .eval import evaluate
 
-    res = evaluate(a.model, text_path=a.text, seqlen=a.seqlen, windows=a.windows, reference=a.reference,
-                   device=a.device, batch_size=a.batch_size, progress=not a.quiet)
+    if a.text is None and not a.bias_probe:
+        raise WeightsmithError("give --text FILE (perplexity, KL, top-1), --bias-probe, or both")
+    res: dict = {}
+    if a.text is not None:
+        res = evaluate(a.model, text_path=a.text, seqlen=a.seqlen, windows=a.windows, reference=a.reference,
+                       device=a.device, batch_size=a.batch_size, progress=not a.quiet)
+    if a.bias_probe:
+        from .eval.bias import bias_probe
+
+        res = {**res, "model": a.model, "bias_probe": bias_probe(a.model, a.reference, a.device, progress=not a.quiet)}
     print(dumps(res))
     return 0
 
@@ -377,9 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", parents=[common], help="perplexity (and KL / top-1 vs a reference) on a text file",
                        description="Perplexity of MODEL on TEXT (consecutive windows, the mean of the per-window mean token "
                                    "cross-entropy, float32), and with --reference the mean per-token KL(reference‖model) and top-1 "
-                                   "agreement. Prints one JSON line.")
+                                   "agreement; with --bias-probe the bias probe's numbers. Prints one JSON line.")
     e.add_argument("model", help="model directory (float, weightsmith, compressed-tensors or GPTQ format) or .gguf file")
-    e.add_argument("--text", required=True, help="evaluation text file (UTF-8)")
+    e.add_argument("--text", help="evaluation text file (UTF-8); needed unless --bias-probe is given")
+    e.add_argument("--bias-probe", action="store_true",
+                   help="also run the gender-occupation bias probe (paired template sentences scored by log-likelihood; "
+                        "with --reference on the reference too; README 'Bias probe': a probe, not a benchmark)")
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--windows", type=int, default=64, help="number of consecutive windows evaluated (default 64)")
     e.add_argument("--reference", help="the original model: adds KL(original‖model) and top-1 agreement (cosine for encoders)")
