@@ -273,8 +273,14 @@ def _check_format_grids(cfg, fmt: str, gguf_type: str | None) -> None:
     """Every grid the run can produce — the recipe's, each rule's, a planner's candidates — must fit ``fmt``."""
     from .quant import registry
 
-    if not cfg.has_grid:
-        return
+    if not cfg.has_grid:  # nothing for a packed format to pack: refuse before the run, not after it
+        why = ""
+        if fmt == "compressed-tensors" and any(registry.get(s.name).kind == "pruner" for s in cfg.steps):
+            from .export.compressed_tensors import no_sparse_reason
+
+            why = f" ({no_sparse_reason()})"
+        raise WeightsmithError(f"--format {fmt}: the recipe {cfg.recipe} puts no layer on a grid, so there is nothing to pack{why}; "
+                               "run it without --format (the output is a dense checkpoint with exact zeros) or add a quantizer")
     grids = {(cfg.grid.bits, cfg.grid.sym, f"the grid W{cfg.grid.bits}")}
     for r in cfg.rules:
         g = cfg._apply_rules([r]).grid
