@@ -11,7 +11,9 @@ one invocation are separated by ``;`` or spaces. Recipes of the stores before En
 steps and ``lorcN`` for LoRC of rank N; :func:`recipe_config` still reads those names (the keys of
 methods.json), so old rows can be re-run under their own name. A grid is ``w<bits>g<group>`` (``g-1``: per row) with a
 trailing ``a`` for asymmetric. Each quantization runs in its own process (``quantize --recipe``, so
-its wall time and peak RSS are its own); finished runs are appended to bench/results/<tag>.json
+its wall time and peak RSS are its own); the grid ``dense`` runs a recipe without one (pruning alone:
+``--grids dense --recipes "sparsegpt:sparsity=0.7;owl,sparsegpt:sparsity=0.7"``), and ``--bias-probe`` adds
+the bias probe of every model and of the float one (density and probe columns in the table); finished runs are appended to bench/results/<tag>.json
 (keyed ``recipe@grid``) and skipped when the script runs again, so it can be resumed; models
 quantized but not yet evaluated are evaluated without re-quantizing. <tag>.md is regenerated
 from the JSON after every evaluation pass.
@@ -57,14 +59,18 @@ def recipe_config(recipe: str) -> dict:
 
 
 def grid_config(grid: str) -> dict:
+    if grid == "dense":  # a recipe without a quantizer (pruning alone): no grid
+        return {}
     m = re.fullmatch(r"w(\d+)g(-?\d+)(a?)", grid)
     if not m:
-        raise SystemExit(f"bad grid {grid!r}: expected w<bits>g<group>[a], e.g. w4g64 or w2g64a")
+        raise SystemExit(f"bad grid {grid!r}: expected w<bits>g<group>[a], e.g. w4g64 or w2g64a, or dense (no grid: pruning alone)")
     return {"bits": int(m.group(1)), "group_size": int(m.group(2)), "sym": not m.group(3)}
 
 
 def nominal_bpw(g: dict) -> float:
     """Bits per weight of the grid: codes plus a float16 scale (and, asymmetric, a code-width zero) per group."""
+    if not g:
+        return 16.0
     if g["group_size"] == -1:
         return float(g["bits"])
     return g["bits"] + (16 + (0 if g["sym"] else g["bits"])) / g["group_size"]
@@ -74,8 +80,8 @@ def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
 
 
-GRID_ORDER = ("w4g64", "w4g128", "w3g64", "w2g64a")
-RECIPE_ORDER = ("rtn", "gptq", "foem", "awq", "awq>gptq", "gptaq", "rescomp")
+GRID_ORDER = ("w4g64", "w4g128", "w3g64", "w2g64a", "dense")
+RECIPE_ORDER = ("rtn", "gptq", "foem", "awq", "awq>gptq", "gptaq", "rescomp", "magnitude", "wanda", "sparsegpt")
 
 
 def _row_order(r: dict) -> tuple:
@@ -94,12 +100,23 @@ def table(payload: dict) -> str:
     lines = ["# Method benchmark — SmolLM2-135M" + (f", float32 perplexity {fp:.2f}" if fp else ""), "",
              "| recipe | grid | bits/weight | perplexity | KL vs float | top-1 vs float | quantize s | peak RSS MB | mean layer error | mean RTN layer error |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(payload["runs"].values(), key=_row_order):
-        if "perplexity" not in r:
-            continue
-        lines.append(f"| {r['recipe']} | {r['grid']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {r['kl']:.4f} | {r['top1']:.4f} | "
-                     f"{r['quantize_s']:.1f} | {r['peak_rss_mb']:.0f} | {_e(r.get('mean_layer_error'))} | {_e(r.get('mean_rtn_layer_error'))} |")
+    runs = [r for r in sorted(payload["runs"].values(), key=_row_order) if "perplexity" in r]
+    extra = any("density" in r for r in runs) or any("bias_probe" in r for r in runs)
+    if extra:  # pruning runs: measured density and the bias probe's mean |d| (dense model's in the notes)
+        lines[2] = lines[2] + " density | bias mean abs d | bias mean d |"
+        lines[3] = lines[3] + "---|---|---|"
+    for r in runs:
+        row = (f"| {r['recipe']} | {r['grid']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {r['kl']:.4f} | {r['top1']:.4f} | "
+               f"{r['quantize_s']:.1f} | {r['peak_rss_mb']:.0f} | {_e(r.get('mean_layer_error'))} | {_e(r.get('mean_rtn_layer_error'))} |")
+        if extra:
+            bp = r.get("bias_probe") or {}
+            row += (f" {r['density']:.4f} |" if "density" in r else " – |") + \
+                (f" {bp['mean_abs_diff']:.4f} | {bp['mean_diff']:+.4f} |" if bp else " – | – |")
+        lines.append(row)
+    fb = payload.get("float_bias_probe")
     lines += ["", f"Protocol: {payload.get('protocol', '')}.",
+              *([f"Bias probe (weightsmith/eval/bias.py, README 'Bias probe'; a probe, not a benchmark): float model mean |d| "
+                 f"{fb['mean_abs_diff']:.4f}, mean d {fb['mean_diff']:+.4f} over {fb['pairs']} he/she sentence pairs."] if fb else []),
               "Wall time and peak RSS from each run's report.json (its own process); timings on the 2-core machine are noisy.",
               *(f"- {n}: {r['note']}" for n, r in payload["runs"].items() if r.get("note")),
               "Layer errors are ‖ΔW X‖²/‖W X‖² on the quantized-path inputs (the float-path methods minimise another objective)."]
@@ -118,6 +135,7 @@ def main() -> None:
     ap.add_argument("--results-dir", default=str(RESULTS))
     ap.add_argument("--extra", nargs="*", default=[], help="extra quantize flags for every run")
     ap.add_argument("--force", action="store_true", help="quantize and evaluate again runs already in the results (e.g. a timing taken on a busy machine)")
+    ap.add_argument("--bias-probe", action="store_true", help="also run the bias probe (weightsmith/eval/bias.py) on every evaluated model and the float one")
     a = ap.parse_args()
     float_dir = Path(a.model) if a.model else smollm2_float_dir()
     out_dir = Path(a.results_dir)
@@ -150,7 +168,8 @@ def main() -> None:
             pending[name] = {"recipe": recipe, "grid": grid, "config": rep["config"], "dir": str(out), "quantize_s": rep["wall_time_s"],
                              "peak_rss_mb": rep["peak_rss_mb"], "mean_layer_error": s.get("mean_error"), "mean_rtn_layer_error": s.get("mean_rtn_error"),
                              "bits_per_weight": rep.get("bits_per_weight", s.get("bits_per_weight", nominal_bpw(g))),
-                             **({"plan": {k: v for k, v in rep["plan"].items() if k != "groups"}} if "plan" in rep else {}),
+                             **({"plan": {k: v for k, v in rep["plan"].items() if k not in ("groups", "blocks")}} if "plan" in rep else {}),
+                             **({"density": s["sparsity"]["density"], "nm": s["sparsity"]["nm"]} if any("density" in x for x in rep["layers"]) and "sparsity" in s else {}),
                              "date": time.strftime("%Y-%m-%d")}
             floats = [r["float_error"] for r in rep["layers"] if "float_error" in r]
             if floats:
@@ -162,6 +181,15 @@ def main() -> None:
             r.update(evals[n])
             payload["float_perplexity"] = evals[n]["reference_perplexity"]
             payload["runs"][n] = r
+    if a.bias_probe:
+        from weightsmith.eval.bias import bias_probe
+
+        if "float_bias_probe" not in payload or a.force:
+            payload["float_bias_probe"] = {k: v for k, v in bias_probe(float_dir)["model"].items() if k != "by_occupation"}
+        for n, r in payload["runs"].items():
+            if "bias_probe" not in r and Path(r.get("dir", "")).is_dir():
+                print(f"== bias probe: {n}", file=sys.stderr, flush=True)
+                r["bias_probe"] = bias_probe(Path(r["dir"]))["model"]
     jpath.write_text(json.dumps(payload, indent=2))
     mpath.write_text(table(payload))
     print(table(payload))

@@ -21,7 +21,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="YAML recipe (method:, grid:, calib:, ...); flags given here override it")
     m = p.add_argument_group("recipe")
     m.add_argument("--method", help="the recipe: steps in order, comma-separated, each NAME[:OPTION=VALUE...]; kinds in this order: "
-                                    "planner (bitalloc), transform (awq), pruner (magnitude, wanda, sparsegpt), one quantizer (rtn, gptq, gptaq, foem, "
+                                    "planner (bitalloc, owl), transform (awq), pruner (magnitude, wanda, sparsegpt), one quantizer (rtn, gptq, gptaq, foem, "
                                     "rescomp or a +-combination such as gptaq+foem), correction (lorc), block step (tune_scales). "
                                     f"Default: {default_recipe_text()}. E.g. awq,gptaq+foem,lorc:rank=16 or magnitude:pattern=2:4,gptq")
     m.add_argument("--set", dest="sets", action="append", default=[], metavar="STEP.OPTION=VALUE",
@@ -162,6 +162,9 @@ def _steps_from_args(a: argparse.Namespace, data: dict) -> tuple[dict, list[dict
             st[opt] = val
     if a.target_bpw is not None:
         planners = [st for st in steps if _step_kind(st) == "planner"]
+        if planners and registry.canonical_name(planners[0]["name"]) != "bitalloc":
+            raise WeightsmithError(f"--target-bpw adds the planner bitalloc, but the recipe already has the planner {planners[0]['name']}; "
+                                   "a run applies one plan")
         if planners:
             planners[0]["target_bpw"] = a.target_bpw
         else:
@@ -288,8 +291,14 @@ def _check_format_grids(cfg, fmt: str, gguf_type: str | None) -> None:
     """Every grid the run can produce — the recipe's, each rule's, a planner's candidates — must fit ``fmt``."""
     from .quant import registry
 
-    if not cfg.has_grid:
-        return
+    if not cfg.has_grid:  # nothing for a packed format to pack: refuse before the run, not after it
+        why = ""
+        if fmt == "compressed-tensors" and any(registry.get(s.name).kind == "pruner" for s in cfg.steps):
+            from .export.compressed_tensors import no_sparse_reason
+
+            why = f" ({no_sparse_reason()})"
+        raise WeightsmithError(f"--format {fmt}: the recipe {cfg.recipe} puts no layer on a grid, so there is nothing to pack{why}; "
+                               "run it without --format (the output is a dense checkpoint with exact zeros) or add a quantizer")
     grids = {(cfg.grid.bits, cfg.grid.sym, f"the grid W{cfg.grid.bits}")}
     for r in cfg.rules:
         g = cfg._apply_rules([r]).grid
@@ -329,8 +338,16 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .eval import evaluate
 
-    res = evaluate(a.model, text_path=a.text, seqlen=a.seqlen, windows=a.windows, reference=a.reference,
-                   device=a.device, batch_size=a.batch_size, progress=not a.quiet)
+    if a.text is None and not a.bias_probe:
+        raise WeightsmithError("give --text FILE (perplexity, KL, top-1), --bias-probe, or both")
+    res: dict = {}
+    if a.text is not None:
+        res = evaluate(a.model, text_path=a.text, seqlen=a.seqlen, windows=a.windows, reference=a.reference,
+                       device=a.device, batch_size=a.batch_size, progress=not a.quiet)
+    if a.bias_probe:
+        from .eval.bias import bias_probe
+
+        res = {**res, "model": a.model, "bias_probe": bias_probe(a.model, a.reference, a.device, progress=not a.quiet)}
     print(dumps(res))
     return 0
 
@@ -392,9 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", parents=[common], help="perplexity (and KL / top-1 vs a reference) on a text file",
                        description="Perplexity of MODEL on TEXT (consecutive windows, the mean of the per-window mean token "
                                    "cross-entropy, float32), and with --reference the mean per-token KL(reference‖model) and top-1 "
-                                   "agreement. Prints one JSON line.")
+                                   "agreement; with --bias-probe the bias probe's numbers. Prints one JSON line.")
     e.add_argument("model", help="model directory (float, weightsmith, compressed-tensors or GPTQ format) or .gguf file")
-    e.add_argument_group("required").add_argument("--text", required=True, help="evaluation text file (UTF-8)")
+    e.add_argument("--text", help="evaluation text file (UTF-8); needed unless --bias-probe is given")
+    e.add_argument("--bias-probe", action="store_true",
+                   help="also run the gender-occupation bias probe (paired template sentences scored by log-likelihood; "
+                        "with --reference on the reference too; README 'Bias probe': a probe, not a benchmark)")
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--windows", type=int, default=64, help="number of consecutive windows evaluated (default 64)")
     e.add_argument("--reference", help="the original model: adds KL(original‖model) and top-1 agreement (cosine for encoders)")

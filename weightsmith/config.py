@@ -147,6 +147,12 @@ def step_text(step: Any) -> str:
     return ":".join([name, *[f"{k}={_fmt(v)}" for k, v in d.items() if k in cls.model_fields and defaults.get(k) != v]])
 
 
+def registry_get(name: str):
+    from .quant import registry
+
+    return registry.get(name)
+
+
 def _step_name(step: Any) -> str:
     return step.name if isinstance(step, BaseModel) else str(step["name"])
 
@@ -188,7 +194,7 @@ REQUIRES_TEXT = {"grid": "a quantizer", "sparsity": "a pruner"}
 
 def validate_recipe(steps: list) -> None:
     """Refuse an invalid order of typed steps with the reason: kinds in the order of
-    ``registry.KINDS``, no step twice, one quantizer at most, each step's required encodings
+    ``registry.KINDS``, no step twice, one planner and one quantizer at most, each step's required encodings
     produced by an earlier step, and a transform followed by a step that uses it."""
     from .quant import registry
 
@@ -197,12 +203,16 @@ def validate_recipe(steps: list) -> None:
     prev = None
     produced: set[str] = set()
     seen: dict[str, str] = {}
-    quantizer = grid_by = None
+    quantizer = grid_by = planner = None
     for st in steps:
         spec = registry.get(st.name)
         if spec.name in seen:
             raise WeightsmithError(f"invalid recipe: {st.name} given twice")
         seen[spec.name] = st.name
+        if spec.kind == "planner":
+            if planner is not None:
+                raise WeightsmithError(f"invalid recipe: two planners ({planner} and {st.name}); a run applies one plan, give one of them")
+            planner = st.name
         if spec.kind == "quantizer":
             if quantizer is not None:
                 raise WeightsmithError(f"invalid recipe: two quantizers ({quantizer} and {st.name}); give exactly one (combine compatible ones with '+')")
@@ -300,6 +310,10 @@ class QuantizeConfig(Strict):
 
             q = self.quantizer
             self.grid = self.grid.model_copy(update={"clip_search": registry.get(q.name).clip_search if q is not None else False})
+        for st in self.steps:  # a planner refuses, before any work, a recipe it cannot plan for
+            spec = registry_get(st.name)
+            if spec.planner is not None and spec.planner.check is not None:
+                spec.planner.check(st, self)
         for i, r in enumerate(self.rules):  # every rule must apply cleanly to the recipe
             names = {s.name for s in self.steps}
             for st in r.steps:

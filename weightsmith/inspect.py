@@ -1,19 +1,23 @@
 """``weightsmith inspect MODEL``: what is in a checkpoint — tensors, dtypes, the quantization scheme
 of each layer (every layer may have its own grid), bits per weight as stored (and, for weightsmith's
 dequantized dirs, as a packed format would store them), per scheme and overall, size on disk — and, against ``--reference ORIGINAL``, each
-matrix's relative Frobenius error ‖W − W_ref‖ / ‖W_ref‖.
+matrix's relative Frobenius error ‖W − W_ref‖ / ‖W_ref‖. Every matrix's density (share of nonzeros) and
+the N:M patterns it satisfies are measured from its weights (``prune/check.py``), with the overall
+density over the blocks' matrices.
 
 Reads weightsmith dequantized dirs, compressed-tensors pack-quantized, GPTQ format, GGUF and plain
 float dirs (``export/readers.py``).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from .errors import WeightsmithError
 from .export.readers import GGUFView, open_checkpoint
+from .prune.check import sparsity_check, summarize as sparsity_summary
 
 
 def inspect(model: str | Path, reference: str | Path | None = None) -> dict:
@@ -24,6 +28,7 @@ def inspect(model: str | Path, reference: str | Path | None = None) -> dict:
     with view:
         infos = view.tensors()
         rows = [i.as_dict() for i in infos]
+        _add_sparsity(view, rows)
         if ref is not None:
             with ref:
                 _add_errors(view, ref, rows)
@@ -43,6 +48,7 @@ def inspect(model: str | Path, reference: str | Path | None = None) -> dict:
             "packed_bits_per_weight_quantized": _packed_bpw(quant),
             "schemes": sorted({r["scheme"] for r in rows}),
             "by_scheme": _by_scheme(rows),
+            "sparsity": _sparsity_summary(rows),
             "tensors": rows,
         }
         if ref is not None:
@@ -50,6 +56,27 @@ def inspect(model: str | Path, reference: str | Path | None = None) -> dict:
             out["reference"] = str(reference)
             out["mean_rel_error"] = sum(errs) / len(errs) if errs else None
             out["max_rel_error"] = max(errs) if errs else None
+    return out
+
+
+BLOCK_MATRIX = re.compile(r"(^|\.)(\d+)\.")  # a matrix inside a numbered block (model.layers.3.…, blk.3.…): what pruners touch
+
+
+def _add_sparsity(view, rows: list[dict]) -> None:
+    """Each matrix's measured density and the N:M patterns it satisfies, from its (dequantized) weights."""
+    for r in rows:
+        if len(r["shape"]) == 2:
+            r.update(sparsity_check(view.weight(r["name"])))
+
+
+def _sparsity_summary(rows: list[dict]) -> dict:
+    """Over the matrices of the blocks (all matrices when none is in a numbered block): overall density and
+    the count of matrices by the first (smallest-M) N:M pattern they satisfy."""
+    mats = [r for r in rows if "density" in r]
+    inside = [r for r in mats if BLOCK_MATRIX.search(r["name"])]
+    out = sparsity_summary(inside or mats, lambda r: _numel(r["shape"]))
+    if out:
+        out["over"] = "matrices of the blocks" if inside else "all matrices"
     return out
 
 
@@ -120,13 +147,15 @@ def _add_errors(view, ref, rows: list[dict]) -> None:
 def format_table(res: dict) -> str:
     has_err = "reference" in res
     packed = res["format"] == "weightsmith"  # stored as float: also show what a packed export holds
-    head = ["tensor", "shape", "dtype", "scheme", "bpw"] + (["packed bpw"] if packed else []) + ["MB"] + (["rel. error"] if has_err else [])
+    head = ["tensor", "shape", "dtype", "scheme", "bpw"] + (["packed bpw"] if packed else []) + ["MB", "density", "N:M"] + \
+        (["rel. error"] if has_err else [])
     lines = ["  ".join(head)]
     for r in res["tensors"]:
         cells = [r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["scheme"], f"{r['bits_per_weight']:.2f}"]
         if packed:
             cells.append(f"{r['packed_bits_per_weight']:.2f}")
         cells.append(f"{r['nbytes'] / 1e6:.3f}")
+        cells += [f"{r['density']:.4f}", (r["nm"] or ["none"])[0]] if "density" in r else ["", ""]
         if has_err:
             cells.append("" if r.get("rel_error") is None else f"{r['rel_error']:.4e}")
         lines.append("  ".join(cells))
@@ -144,6 +173,10 @@ def format_table(res: dict) -> str:
     if len([k for k in res.get("by_scheme", {}) if not k.startswith("float")]) > 1:  # mixed: one line per scheme
         for k, v in res["by_scheme"].items():
             lines.append(f"  {k}: {v['tensors']} matrices, {v['parameters']:,} parameters, {v['bits_per_weight']:.3f} bits/weight")
+    sp = res.get("sparsity")
+    if sp:
+        lines.append(f"density ({sp['over']}): {sp['density']:.4f}    N:M (first pattern satisfied: matrices): "
+                     + ", ".join(f"{k}: {v}" for k, v in sp["nm"].items()))
     if has_err and res.get("mean_rel_error") is not None:
         lines.append(f"relative Frobenius error vs {res['reference']}: mean {res['mean_rel_error']:.4e}, max {res['max_rel_error']:.4e}")
     return "\n".join(lines)

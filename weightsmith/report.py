@@ -67,6 +67,12 @@ def summarize(layers: list[dict], steps: list | None = None) -> dict:
         out["layers_at_or_below_rtn"] = sum(r["error"] <= r["rtn_error"] for r in rtn)
     if len(done) < len(layers):
         out["skipped_layers"] = len(layers) - len(done)
+    measured = [r for r in done if "measured_density" in r]
+    if measured:  # from the weights written: overall density and the N:M patterns the layers satisfy
+        from .prune.check import summarize as sparsity_summary
+
+        out["sparsity"] = sparsity_summary([{"density": r["measured_density"], "nm": r["nm"], "shape": r["shape"]} for r in measured],
+                                           lambda r: r["shape"][0] * r["shape"][1])
     out["damping_escalated"] = [r["name"] for r in done if r.get("damp_escalated")]
     out["fallbacks"] = [{"name": r["name"], "why": r["fallback"]} for r in done if r.get("fallback")]
     from .quant import registry
@@ -97,13 +103,17 @@ def markdown(report: dict) -> str:
     cfg = report.get("config", {})
     steps = cfg.get("steps", [])
     cells = [(s["name"], registry.get(s["name"]).cell) for s in steps if registry.get(s["name"]).cell is not None]
-    head = ["layer", "shape", "grid", "error ‖ΔWX‖²/‖WX‖²", "RTN error", "ratio", "weight error ‖ΔW‖²/‖W‖²", "damping", "bits/weight"] + [n for n, _ in cells]
+    pruned = any("density" in r for r in report.get("layers", []))  # a pruner ran (its mask density)
+    head = ["layer", "shape", "grid", "error ‖ΔWX‖²/‖WX‖²", "RTN error", "ratio", "weight error ‖ΔW‖²/‖W‖²", "damping", "bits/weight"] + \
+        (["density", "N:M"] if pruned else []) + [n for n, _ in cells]
     lines = [
         "# weightsmith quantize report",
         "",
         f"- model: `{report.get('model')}`",
         f"- recipe: `{json.dumps(steps)}`, grid: `{json.dumps(cfg.get('grid'))}`" + (f", {len(cfg.get('rules', []))} per-layer rules" if cfg.get("rules") else ""),
         f"- bits per weight: {report.get('summary', {}).get('bits_per_weight')}",
+        *([f"- measured density (nonzero share of the layers written): {sp['density']:.4f}; first N:M pattern satisfied, "
+           f"matrices: {json.dumps(sp['nm'])}"] if (sp := report.get('summary', {}).get('sparsity')) and pruned else []),
         f"- calibration: {report.get('calibration', {}).get('kind')} — {json.dumps(report.get('calibration'))}",
         f"- wall time: {report.get('wall_time_s')} s, peak RSS: {report.get('peak_rss_mb')} MB",
         "",
@@ -119,6 +129,8 @@ def markdown(report: dict) -> str:
         grid = f"W{g['bits']} g{g['group_size']} {'sym' if g['sym'] else 'asym'}" if g else "float"
         row = [r["name"], f"{r['shape'][0]}×{r['shape'][1]}", grid, _num(r.get("error")), _num(r.get("rtn_error")), _num(ratio, ".2f"),
                _num(r.get("weight_error")), str(r.get("damp", "")), _num(r.get("bits_per_weight"), ".3f")]
+        if pruned:
+            row += [_num(r.get("measured_density"), ".4f"), (r.get("nm") or ["none"])[0]]
         row += [cell(r).replace("|", "/") for _, cell in cells]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

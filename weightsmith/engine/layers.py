@@ -19,6 +19,7 @@ from ..config import LayerSettings, QuantizeConfig
 from ..encodings import Encoding, Grid, LowRank, layer_bits, metadata
 from ..errors import WeightsmithError
 from ..model.adapter import get_weight, set_weight
+from ..prune.check import sparsity_check
 from ..quant import registry
 from ..quant.grid import relative_error
 from ..quant.pipeline import run_group
@@ -142,6 +143,8 @@ class GroupQuantizer:
                 g0 = next(e for e in encs if isinstance(e, Grid))
                 row["grid"] = {"bits": g0.bits_, "group_size": g0.group_size, "sym": g0.sym}
             row.update({"seconds": round(secs, 4), **layer_bits((int(w.shape[0]), int(w.shape[1])), encs), **info})
+            chk = sparsity_check(state.W[a:b])  # from the weights written, not the mask: e.g. a kept weight rounded to 0
+            row.update({"measured_density": chk["density"], "nm": chk["nm"]})
             self.records[name] = LayerRecord(name, rel, encs, row)
             a = b
 

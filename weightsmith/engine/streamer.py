@@ -320,7 +320,8 @@ def stream_quantize(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor | None
 def measure_pass(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor, planner_cfg, progress: bool = True,
                  on_block: Callable[[int], None] | None = None, fisher: dict | None = None) -> list[dict]:
     """The first pass of a planner: the float model's statistics per layer group (non-sequential, one
-    forward per block), and the planner's measurements of its candidate settings for each group.
+    forward per block; ``XᵀX`` only when the planner needs ``H``, else the input norms), and the
+    planner's measurements for each group (then, if it has one, its ``finish_block`` per block).
     ``fisher`` (layer → per-output Fisher, ``engine/fisher.py``) fills ``stats.out_fisher``."""
     spec = registry.get(planner_cfg.name)
     lm.load_outside()
@@ -348,12 +349,15 @@ def measure_pass(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor, planner_
             W = torch.cat(ws, 0)
             if fisher is not None:
                 stats = dataclasses.replace(stats, out_fisher=torch.cat([fisher[prefix + r] for r in g.names]))
-            out.append({"layers": [prefix + r for r in g.names], "numel": int(W.numel()), "rows": [int(w.shape[0]) for w in ws],
+            out.append({"layers": [prefix + r for r in g.names], "block": i, "numel": int(W.numel()), "rows": [int(w.shape[0]) for w in ws],
                         "measure": spec.planner.measure(W, stats, settings.grid, planner_cfg, [int(w.shape[0]) for w in ws], cfg)})
 
+        first = len(out)
         runner = SequentialRunner(block, {r: m for r, m in layers.items() if any(r in g.names for g in groups)}, groups, measure,
-                                  sequential=False, rewrites=False)
+                                  sequential=False, rewrites=False, full_stats=bool(spec.planner.needs_of(planner_cfg) & {"H", "dXX"}))
         outs = runner.run(chunks)
+        if spec.planner.finish_block is not None:  # measurements against the whole block (OWL's block mean)
+            spec.planner.finish_block(out[first:], planner_cfg)
         chunks = [_replace_hidden(a, k, o) for (a, k), o in zip(chunks, outs)]
         lm.unload_block(i)
         if on_block is not None:

@@ -78,8 +78,10 @@ def export(quantized: str | Path, out: str | Path, fmt: str, *, overwrite: bool 
         grid = uniform.as_dict() if uniform is not None else None
         grids = ckpt.grid_summary()
         n_layers = len(ckpt.layers)
+        in_bytes = ckpt.source.nbytes()  # the dequantized weight files read
     size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     res = {"format": fmt, "output": str(out), "grid": grid, "layers": n_layers, "bytes": size,
+           "input_weight_bytes": in_bytes, "size_vs_input": size / in_bytes if in_bytes else None,
            "seconds": round(time.time() - t0, 2), **info}
     if grid is None:  # mixed grids (or none): each grid in use and its number of layers
         res["grids"] = grids

@@ -25,6 +25,16 @@ Mixed grids: one ``config_groups`` entry per distinct (bits, group size, sym, ac
 against the module name exactly; ``re:`` would make it a regex); a uniform checkpoint keeps the one
 group targeting ``Linear``. Layers without a grid (float, or only pruned) are in ``ignore``.
 Sparsity is held as exact zeros; a low-rank encoding is refused (``HOLDS``).
+
+**Sparse compression.** compressed-tensors 0.20 has no sparse compressor: its ``sparse-bitmask``
+and ``sparse-24-bitmask`` formats survive as configuration classes only (no compressor is registered
+for them, :func:`sparse_compressors`), its ``ModelCompressor`` writes an empty ``sparsity_config``
+("sparsity is removed for now") and refuses the 2:4 (Sparse24) configs when loading. So a pruned
+layer on a grid is written pack-quantized with its zeros as codes (the export result's
+``sparsity`` entry says so, with the density measured from the codes), and a checkpoint that is only
+pruned (no grid) is refused with that reason: the dense directory with exact zeros is then the
+output (it loads anywhere; the mask is its encoding). Writing a bitmask by hand would produce a
+checkpoint no installed loader reads back.
 """
 from __future__ import annotations
 
@@ -148,9 +158,46 @@ def _actorder(ckpt: QuantizedCheckpoint, name: str) -> bool:
     return bool(g.get("act_order", ckpt.method.get("act_order")))
 
 
+SPARSE_FORMATS = ("sparse-bitmask", "sparse-24-bitmask", "marlin-24")
+
+
+def sparse_compressors() -> list[str]:
+    """The sparse compression formats the installed compressed-tensors has a compressor for (0.20: none)."""
+    try:
+        from compressed_tensors.compressors import BaseCompressor
+    except ImportError:
+        return []
+    have = set(BaseCompressor.registered_names()) if hasattr(BaseCompressor, "registered_names") else set()
+    return [f for f in SPARSE_FORMATS if f in have]
+
+
+def ct_version() -> str:
+    try:
+        import compressed_tensors
+
+        return compressed_tensors.__version__
+    except ImportError:
+        return "not installed"
+
+
+def no_sparse_reason() -> str:
+    have = sparse_compressors()
+    if have:  # a later compressed-tensors: not written by this weightsmith (untested against it)
+        return (f"compressed-tensors {ct_version()} has the sparse compressor(s) {', '.join(have)}, which this weightsmith does not "
+                "write yet")
+    return (f"compressed-tensors {ct_version()} has no sparse compressor (its sparse-bitmask / sparse-24-bitmask formats are "
+            "configuration classes only, and it writes and reads no sparsity_config), so a pruned checkpoint cannot be "
+            "written compressed with it")
+
+
 def check_compressed_tensors(ckpt: QuantizedCheckpoint) -> None:
     """Refuse, before writing, a grid pack-quantized cannot hold (naming a layer)."""
     if not ckpt.layers:
+        pruned = [n for n in ckpt.encoded if any(e["kind"] == "sparsity" for e in ckpt.encodings(n))]
+        if pruned:
+            raise WeightsmithError(f"{ckpt.dir} is pruned ({len(pruned)} layers with a mask) but not quantized: {no_sparse_reason()}; "
+                                   "the directory itself (dense, exact zeros) is the checkpoint to use, or add a quantizer "
+                                   "(e.g. --method wanda,gptq) to pack it")
         raise WeightsmithError(f"{ckpt.dir}: no layer has a grid encoding, so there is nothing to pack-quantize; the directory is a float model as it is")
     for n in ckpt.layers:
         b = ckpt.grid(n).bits
@@ -179,8 +226,20 @@ def export_compressed_tensors(ckpt: QuantizedCheckpoint, out: Path) -> dict:
     ignore = unquantized_linears(ckpt)
     qc = quantization_config(groups, ignore, uniform=len(groups) == 1)
     written = {n: (g, gs) for g, gs, _, names in groups for n in names}
-    write_hf_packed(ckpt, out, lambda layer: pack_layer(layer, written[layer.name][1], layer.sym), qc)
-    if len(groups) == 1:
-        return {"group_size_written": groups[0][1], "ignore": ignore}
-    return {"group_size_written": {f"group_{i}": gs for i, (_, gs, _, _) in enumerate(groups)}, "ignore": ignore,
-            "config_groups": len(groups)}
+    nz = {"zeros": 0, "numel": 0, "layers": 0}
+
+    def pack(layer: QuantLayer) -> dict:
+        if any(e["kind"] == "sparsity" for e in ckpt.encodings(layer.name)):  # density from the codes written, not the mask
+            zero_code = layer.zero[:, layer.g_idx.long()]
+            nz["zeros"] += int((layer.q == zero_code).sum())
+            nz["numel"] += layer.q.numel()
+            nz["layers"] += 1
+        return pack_layer(layer, written[layer.name][1], layer.sym)
+
+    write_hf_packed(ckpt, out, pack, qc)
+    info: dict = {"group_size_written": groups[0][1], "ignore": ignore} if len(groups) == 1 else \
+        {"group_size_written": {f"group_{i}": gs for i, (_, gs, _, _) in enumerate(groups)}, "ignore": ignore, "config_groups": len(groups)}
+    if nz["layers"]:
+        info["sparsity"] = {"layers": nz["layers"], "density": 1 - nz["zeros"] / nz["numel"],
+                            "stored_as": f"zeros as codes in pack-quantized (no sparse compression: {no_sparse_reason()})"}
+    return info

@@ -9,7 +9,7 @@ kind           what it does, and how it is called
 =============  ====================================================================================
 planner        before everything: measures per-layer sensitivity in a first pass and turns the
                measurements into per-layer rules for the second (``measure``/``plan``, see
-               :class:`Planner`)
+               :class:`Planner`): bitalloc (grids), owl (a pruner's per-block sparsity)
 transform      rewrites a layer group's weights and statistics for the steps after it (AWQ's
                per-channel scale, folded into the op producing the input);
                ``fn(state, cfg, ctx) -> None``
@@ -116,14 +116,23 @@ class Step:
 
 @dataclass(frozen=True)
 class Planner:
-    """A planner step's two halves. ``measure(W, stats, grid, cfg, ctx)`` runs in the first pass for
-    every layer group and returns JSON-able measurements; ``plan(groups, cfg, base_grid)`` turns the
-    measurements of all groups (``[{"layers": [...], "numel": n, "measure": ...}]``) into per-layer
-    rules (``[{"match": regex, "grid": {...}}]``) and a JSON-able summary."""
+    """A planner step's two halves. ``measure(W, stats, grid, cfg, sizes, qcfg)`` runs in the first pass for
+    every layer group and returns JSON-able measurements; ``plan(groups, cfg, qcfg)`` turns the
+    measurements of all groups (``[{"layers": [...], "block": i, "numel": n, "measure": ...}]``) into
+    per-layer rules (``[{"match": regex, "grid": {...}}]`` or ``"steps": {step: {option: value}}``) and
+    a JSON-able summary.
+
+    Optional: ``finish_block(entries, cfg)``, called after each block of the first pass with that
+    block's entries, may replace measurements that only make sense against the whole block (OWL's
+    outlier count against the block's mean score) by JSON-able ones — ``measure`` may then return
+    tensors, held until the block is done; ``check(cfg, qcfg)`` refuses, when the configuration is
+    built, a recipe the planner cannot plan for (before any work)."""
 
     measure: Callable
     plan: Callable
     needs: frozenset | Callable = frozenset({"H"})  # or cfg -> frozenset
+    finish_block: Optional[Callable] = None
+    check: Optional[Callable] = None
 
     def needs_of(self, cfg) -> frozenset:
         return frozenset(self.needs(cfg) if callable(self.needs) else self.needs)
@@ -217,7 +226,7 @@ def _load_builtin() -> None:
         return
     _loaded = True
     from . import awq, bitalloc, foem, gptaq, gptq, lorc, rescomp, rtn, tune_scales  # noqa: F401 - modules register on import
-    from ..prune import magnitude, sparsegpt, wanda  # noqa: F401 - modules register on import
+    from ..prune import magnitude, owl, sparsegpt, wanda  # noqa: F401 - modules register on import
     _load_plugins()
 
 
