@@ -485,5 +485,5 @@ def test_inspect_mixed_reports_schemes_and_bits_per_layer(work, mixed):
 def test_inspect_cli_prints_the_mixed_schemes(mixed, capsys):
     assert main(["inspect", str(mixed)]) == 0
     out = capsys.readouterr().out
-    assert "packed bpw" in out and "bits/weight as packed formats store the quantized layers" in out
+    assert "packed bpw" in out and "bits/weight of the quantized layers as packed formats store them (the report's bits/weight)" in out
     assert "int8 g64 sym (dequantized, qparams): 1 matrices" in out and "int4 g64 sym (dequantized, qparams): 2 matrices" in out

@@ -168,8 +168,9 @@ def format_table(res: dict) -> str:
         f"schemes: {', '.join(res['schemes'])}",
     ]
     pq = res.get("packed_bits_per_weight_quantized")
-    if res["format"] == "weightsmith" and pq is not None:
-        lines.append(f"bits/weight as packed formats store the quantized layers: {pq:.3f}")
+    if res["format"] == "weightsmith" and pq is not None:  # the dequantized dir stores floats: say what the report counts
+        lines[-2] = lines[-2].replace("bits/weight (quantized layers):", "bits/weight stored here (dequantized, quantized layers):")
+        lines.append(f"bits/weight of the quantized layers as packed formats store them (the report's bits/weight): {pq:.3f}")
     if len([k for k in res.get("by_scheme", {}) if not k.startswith("float")]) > 1:  # mixed: one line per scheme
         for k, v in res["by_scheme"].items():
             lines.append(f"  {k}: {v['tensors']} matrices, {v['parameters']:,} parameters, {v['bits_per_weight']:.3f} bits/weight")
