@@ -192,7 +192,7 @@ def _fold(d: Path, state: dict, base: CheckpointSource, new: CheckpointSource, r
     from tqdm import tqdm
 
     from ..model.saving import ShardWriter
-    from .driver import split_shards
+    from .driver import all_finite, split_shards
     from .plan import TensorPlan
 
     g = state["generation"] + 1
@@ -213,7 +213,7 @@ def _fold(d: Path, state: dict, base: CheckpointSource, new: CheckpointSource, r
                 b = base.get(p.key).float()
                 tau = new.get(p.key).float().sub_(b)
                 del b
-                if not torch.isfinite(tau).all():
+                if not all_finite(tau):
                     raise WeightsmithError(f"{name} has NaN/Inf values in {p.key}")
                 tau_sq += float(tau.double().square().sum())
                 if running is None:

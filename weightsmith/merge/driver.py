@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -135,10 +136,17 @@ def _loader(src: CheckpointSource, key: str, dtype: torch.dtype, name: str):
     def load() -> torch.Tensor:
         t = src.get(key)
         t = t.to(dtype) if t.dtype != dtype else t
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise WeightsmithError(f"model {name!r} has NaN/Inf values in {key}: it cannot be merged")
         return t
     return load
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``: one summing pass (a NaN or Inf anywhere makes the sum non-finite), and
+    the element-wise test only when the sum is not finite (finite values may overflow it)."""
+    return t.numel() == 0 or math.isfinite(float(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)))\
+        or bool(torch.isfinite(t).all())
 
 
 def run_tensor(tp: TensorPlan, plan: Plan, sources: dict[str, CheckpointSource], seed: int) -> torch.Tensor:
@@ -147,7 +155,7 @@ def run_tensor(tp: TensorPlan, plan: Plan, sources: dict[str, CheckpointSource],
     res = plan.method.fn(make_job(tp, plan, sources, seed))
     if tuple(res.shape) != tp.shape:
         raise RuntimeError(f"{plan.method.name} returned shape {tuple(res.shape)} for {tp.key} {tp.shape}")
-    if not torch.isfinite(res).all():
+    if not all_finite(res):
         raise WeightsmithError(f"{plan.method.name} produced NaN/Inf in {tp.key}; check the parameters (weights summing to 0?)")
     return res.to(tp.out_dtype)
 
