@@ -33,7 +33,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import sys
