@@ -1,4 +1,4 @@
-"""``weightsmith quantize|export|inspect|eval|demo|run|bench-kernel`` — thin: parse arguments → typed config → API call."""
+"""``weightsmith quantize|merge|export|inspect|eval|demo|run|bench-kernel`` — thin: parse arguments → typed config → API call."""
 from __future__ import annotations
 
 import argparse
@@ -321,6 +321,26 @@ def _check_format_grids(cfg, fmt: str, gguf_type: str | None) -> None:
             raise WeightsmithError(f"--format {fmt}: {what}: {e}") from None
 
 
+def cmd_merge(a: argparse.Namespace) -> int:
+    if a.continual is not None:
+        from .merge.continual import continual_merge
+
+        if len(a.paths) > 1:
+            raise WeightsmithError("merge --continual STATE_DIR takes at most one NEW_MODEL (and --out OUT for the merged model)")
+        res = continual_merge(a.continual, a.paths[0] if a.paths else None, base=a.base, alpha=a.alpha, out=a.out,
+                              overwrite=a.overwrite, progress=not a.quiet)
+        print(dumps(res))
+        return 0
+    if len(a.paths) != 2 or a.out is not None or a.base is not None or a.alpha is not None:
+        raise WeightsmithError("usage: weightsmith merge CONFIG.yaml OUT (--base, --alpha and --out go with --continual)")
+    from .merge import merge
+
+    rep = merge(a.paths[0], a.paths[1], overwrite=a.overwrite, resume=a.resume, seed=a.seed, progress=not a.quiet)
+    print(dumps({k: rep[k] for k in ("output", "merge_method", "models", "tensors", "shards", "shards_computed", "seed",
+                                     "output_bytes", "wall_time_s", "peak_rss_mb")}))
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from .export import export
 
@@ -388,6 +408,25 @@ def build_parser() -> argparse.ArgumentParser:
                        "with --format, OUT is packed in that format instead.")
     _quantize_args(q)
     q.set_defaults(fn=cmd_quantize)
+
+    mg = sub.add_parser("merge", parents=[common], help="merge checkpoints tensor by tensor (mergekit-style YAML), or fold one more "
+                        "model into a continual merge", description="weightsmith merge CONFIG.yaml OUT: merge the models of a mergekit-style "
+                        "configuration (linear, wise_ft, slerp, task_arithmetic, ties, dare_linear, dare_ties, model_stock) into OUT, one "
+                        "tensor at a time; prints one JSON line. weightsmith merge --continual STATE_DIR [NEW_MODEL] [--base BASE] [--out OUT]: "
+                        "continual merging by orthogonal projection (OPCM) — fold NEW_MODEL into the state (created with --base on first use), "
+                        "and write the current merged model to OUT.")
+    mg.add_argument("paths", nargs="*", metavar="CONFIG.yaml OUT | NEW_MODEL",
+                    help="the merge config and the output directory; with --continual, the model to fold in (optional)")
+    mg.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (or an interrupted run's OUT.partial)")
+    mg.add_argument("--resume", action="store_true", help="continue an interrupted merge after its committed shards")
+    mg.add_argument("--seed", type=int, default=0, help="seed of the random methods (DARE), per tensor and model (default 0)")
+    mg.add_argument("--continual", metavar="STATE_DIR", help="continual merging: the state directory (base reference, running update)")
+    mg.add_argument("--base", help="with --continual, on first use: the base (pre-trained) model")
+    mg.add_argument("--alpha", type=float, default=None,
+                    help="with --continual, on first use: the share of the running update's singular value mass whose "
+                         "directions a new task vector is kept out of (default 0.5)")
+    mg.add_argument("--out", help="with --continual: write the merged model (base + running update) to this directory")
+    mg.set_defaults(fn=cmd_merge)
 
     x = sub.add_parser("export", parents=[common], help="pack a quantized output as compressed-tensors, GPTQ format or GGUF",
                        description="Pack QUANTIZED (an output of `weightsmith quantize`) into OUT: compressed-tensors pack-quantized "
@@ -480,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         from .engine.checkpoint import MANIFEST
 
         out = getattr(a, "out", None)
+        if a.cmd == "merge":  # a merge keeps its committed shards in OUT.partial (a continual update keeps nothing)
+            out = a.paths[1] if a.continual is None and len(a.paths) == 2 else None
         if out and a.cmd == "quantize" and getattr(a, "format", None):
             out = _intermediate(out)  # quantize --format: the dequantized intermediate holds the committed blocks
         partial = Path(f"{out}.partial")

@@ -109,6 +109,11 @@ class ShardWriter:
         _save(tensors, self.out / name)
         self._register(name, {key: t.numel() * t.element_size() for key, t in tensors.items()})
 
+    def stream(self, k: int, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> "StreamingShard":
+        """Shard ``k`` written one tensor at a time (see :class:`StreamingShard`); registered when closed."""
+        name = self.shard_name(k)
+        return StreamingShard(self.out / name, entries, on_close=lambda sizes: self._register(name, sizes))
+
     def adopt(self, k: int) -> None:
         """Take over shard ``k`` written by an earlier (interrupted) run of the same job."""
         from .source import _read_header
@@ -124,6 +129,69 @@ class ShardWriter:
     def finish(self) -> None:
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+              torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+class StreamingShard:
+    """A safetensors file written tensor by tensor, so that a shard never has to be held in memory:
+    the header (every name, dtype and shape, known in advance) is written first, then each tensor's
+    bytes in the declared order as :meth:`write` receives them; :meth:`close` checks that all came
+    and fsyncs. The file is the one ``safetensors.save_file`` would write for the same tensors, up to
+    the order of the data (here: the declared order)."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None,
+                 on_close=None):
+        self.path, self.on_close = path, on_close
+        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        pos = 0
+        self.sizes: dict[str, int] = {}
+        self.order = [(k, dt, tuple(shape)) for k, dt, shape in entries]
+        for k, dt, shape in self.order:
+            n = dt.itemsize
+            for d in shape:
+                n *= d
+            header[k] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [pos, pos + n]}
+            self.sizes[k] = n
+            pos += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.next = 0
+        try:
+            self.fh = open(path, "wb")
+            self.fh.write(len(raw).to_bytes(8, "little") + raw)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise
+            raise WeightsmithError(f"cannot write {path}: {e.strerror}") from None
+
+    def write(self, key: str, t: torch.Tensor) -> None:
+        k, dt, shape = self.order[self.next]
+        if key != k or t.dtype != dt or tuple(t.shape) != shape:
+            raise RuntimeError(f"StreamingShard: got {key} {t.dtype} {tuple(t.shape)}, expected {k} {dt} {shape}")
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        try:
+            self.fh.write(memoryview(data.numpy()))
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise
+            raise WeightsmithError(f"cannot write {self.path}: {e.strerror}") from None
+        self.next += 1
+
+    def close(self) -> None:
+        if self.next != len(self.order):
+            raise RuntimeError(f"StreamingShard: {self.path} closed after {self.next} of {len(self.order)} tensors")
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        if self.on_close is not None:
+            self.on_close(self.sizes)
+
+    def abort(self) -> None:
+        self.fh.close()
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
