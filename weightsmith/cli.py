@@ -1,4 +1,4 @@
-"""``weightsmith quantize|merge|export|inspect|eval|demo|run|bench-kernel`` — thin: parse arguments → typed config → API call."""
+"""``weightsmith quantize|merge|export|inspect|diff|monitor|align|eval|demo|run|bench-kernel`` — thin: parse arguments → typed config → API call."""
 from __future__ import annotations
 
 import argparse
@@ -349,9 +349,43 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
+    if a.stats:
+        if a.reference is not None:
+            raise WeightsmithError("--stats describes one model; it takes no --reference")
+        from .weightspace.spectra import format_markdown, weight_stats
+
+        res = weight_stats(a.model, full_limit=a.full_limit, rank_cap=a.rank_cap, match=a.match, progress=not a.quiet)
+        print(dumps(res, indent=2) if a.json else format_markdown(res))
+        return 0
+    if a.match is not None:
+        raise WeightsmithError("--match goes with --stats")
     from .inspect import main_print
 
     main_print(a.model, a.reference, a.json)
+    return 0
+
+
+def cmd_diff(a: argparse.Namespace) -> int:
+    from .weightspace.diff import diff, format_markdown
+
+    res = diff(a.base, a.tuned, rank=a.rank, out=a.out, full_limit=a.full_limit, overwrite=a.overwrite, progress=not a.quiet)
+    print(dumps(res, indent=2) if a.json else format_markdown(res))
+    return 0
+
+
+def cmd_monitor(a: argparse.Namespace) -> int:
+    from .weightspace.monitor import json_lines, monitor
+
+    res = monitor(a.diff_dir, a.tuned, a.text, a.labels, aggregate=a.aggregate, match=a.match, seqlen=a.seqlen,
+                  per_layer=a.per_layer, progress=not a.quiet)
+    print(json_lines(res))
+    return 0
+
+
+def cmd_align(a: argparse.Namespace) -> int:
+    from .weightspace.align import align
+
+    print(dumps(align(a.a, a.b, a.out, residual=a.residual, max_iter=a.max_iter, seed=a.seed, overwrite=a.overwrite)))
     return 0
 
 
@@ -443,7 +477,56 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="model directory or .gguf file")
     i.add_argument("--reference", help="the original float model: adds each matrix's relative Frobenius error")
     i.add_argument("--json", action="store_true", help="emit JSON instead of a table")
+    i.add_argument("--stats", action="store_true",
+                   help="model-zoo statistics of every matrix instead: Frobenius and spectral norm, stable and effective rank, "
+                        "power-law exponent alpha of the eigenvalues of W^T W; per layer type; a Markdown table (or --json)")
+    i.add_argument("--full-limit", type=int, default=2048,
+                   help="--stats: full spectrum up to this min(rows, cols); beyond, the top --rank-cap values by randomized SVD (default 2048)")
+    i.add_argument("--rank-cap", type=int, default=256, help="--stats: singular values kept for larger matrices (default 256)")
+    i.add_argument("--match", help="--stats: only the matrices whose name matches this regex")
     i.set_defaults(fn=cmd_inspect)
+
+    df = sub.add_parser("diff", parents=[common], help="SVD of each matrix's fine-tuning update (Watch the Weights); store its top directions",
+                        description="For each matrix of TUNED and BASE: the SVD of dW = W_tuned - W_base, read tensor by tensor; prints "
+                                    "a Markdown summary (or --json); with --out, DIR gets directions.safetensors (top --rank singular "
+                                    "triplets U, S, V per matrix) and diff.json, for `weightsmith monitor`.")
+    df.add_argument("base", help="the base model directory (or .gguf)")
+    df.add_argument("tuned", help="the fine-tuned model directory (or .gguf)")
+    df.add_argument("--rank", type=int, default=8, help="singular directions kept per matrix (default 8)")
+    df.add_argument("--out", help="directory to write the directions and the summary into (atomic)")
+    df.add_argument("--full-limit", type=int, default=2048, help="full SVD up to this min(rows, cols); beyond, randomized (default 2048)")
+    df.add_argument("--json", action="store_true", help="emit the summary as JSON")
+    df.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    df.set_defaults(fn=cmd_diff)
+
+    mo = sub.add_parser("monitor", parents=[common], help="score texts by how strongly they excite a fine-tune's update directions",
+                        description="Run TUNED on each non-empty line of --text with hooks on the linear layers stored in DIFF_DIR "
+                                    "(`weightsmith diff --out`); a text's score is the mean over layers of the max over tokens of "
+                                    "||S*(V^T x)|| / (sigma_1 ||x||). Prints one JSON line per text and a summary line "
+                                    "(AUROC with --labels).")
+    mo.add_argument("diff_dir", help="directory written by `weightsmith diff --out`")
+    mo.add_argument("tuned", help="the fine-tuned model the diff was made for")
+    mo.add_argument("--text", required=True, help="UTF-8 file, one input text per non-empty line")
+    mo.add_argument("--labels", help="one 0/1 per non-empty line (1: should trigger the fine-tuned behaviour): adds the AUROC")
+    mo.add_argument("--aggregate", choices=["mean", "max"], default="mean", help="over layers (default mean)")
+    mo.add_argument("--match", help="only the stored matrices whose name matches this regex")
+    mo.add_argument("--seqlen", type=int, default=512, help="tokens per text kept (default 512)")
+    mo.add_argument("--per-layer", action="store_true", help="each text's per-layer scores in its JSON line")
+    mo.set_defaults(fn=cmd_monitor)
+
+    al = sub.add_parser("align", parents=[common], help="permute model B's hidden units to match model A (git re-basin weight matching)",
+                        description="Weight matching for Llama-style models: permute B's MLP units and attention heads (by key/value "
+                                    "group) per block, and the residual stream, to maximise the inner product with A's weights; OUT "
+                                    "computes exactly B's function. Prints one JSON line; OUT/align.json holds the permutations.")
+    al.add_argument("a", help="the reference model A")
+    al.add_argument("b", help="the model B to permute")
+    al.add_argument("out", help="output directory (B permuted)")
+    al.add_argument("--no-residual", dest="residual", action="store_false",
+                    help="keep the residual stream's order (permute MLP units and heads only)")
+    al.add_argument("--max-iter", type=int, default=100, help="coordinate-descent sweeps at most (default 100)")
+    al.add_argument("--seed", type=int, default=0, help="seed of the order of the permutations in a sweep (default 0)")
+    al.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    al.set_defaults(fn=cmd_align)
 
     e = sub.add_parser("eval", parents=[common], help="perplexity (and KL / top-1 vs a reference) on a text file",
                        description="Perplexity of MODEL on TEXT (consecutive windows, the mean of the per-window mean token "

@@ -1,0 +1,203 @@
+"""``weightsmith monitor DIFF_DIR TUNED --text FILE``: score inputs by how strongly they drive a fine-tune's update.
+
+After "Watch the Weights: Unsupervised monitoring and control of fine-tuned LLMs" (Zhong, Raghunathan
+et al., 2025). ``weightsmith diff`` stored, per matrix, the top-K singular triplets (U, S, V) of
+ΔW = W_tuned − W_base. A forward pre-hook on each of those linear layers of the tuned model captures
+its input x_t at every token t (stored matrices that are not a linear layer's weight — embeddings —
+are skipped and listed), and
+
+    r_ℓ,t = ‖S ⊙ (Vᵀ x_t)‖ / (σ₁ ‖x_t‖)   = ‖ΔW_K x_t‖ / (‖ΔW_K‖₂ ‖x_t‖) ∈ [0, 1]
+
+is how much of the (rank-K) update the token's input excites, relative to the most it could. A text's
+score on layer ℓ is the maximum over its tokens, s_ℓ = max_t r_ℓ,t (a behaviour triggered by a few
+tokens shows at those tokens); its score is the mean over the monitored layers, s = mean_ℓ s_ℓ
+(``aggregate="max"``: the maximum). No labels are used to score. With labels (1 = the input should
+trigger the fine-tuned behaviour), the AUROC of the scores is reported: the Mann–Whitney statistic
+with tied scores given their average rank (a tie between a positive and a negative counts ½).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import WeightsmithError
+from .diff import DIRECTIONS, SUMMARY
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative) + ½ P(equal)."""
+    s = [float(x) for x in scores]
+    y = [int(v) for v in labels]
+    if len(s) != len(y):
+        raise WeightsmithError(f"{len(s)} scores but {len(y)} labels")
+    if any(v not in (0, 1) for v in y):
+        raise WeightsmithError("labels must be 0 or 1")
+    pos = sum(y)
+    neg = len(y) - pos
+    if pos == 0 or neg == 0:
+        raise WeightsmithError(f"AUROC needs both classes; the labels have {pos} positive(s) and {neg} negative(s)")
+    order = sorted(range(len(s)), key=lambda i: s[i])
+    ranks = [0.0] * len(s)
+    i = 0
+    while i < len(order):  # average ranks over runs of equal scores
+        j = i
+        while j + 1 < len(order) and s[order[j + 1]] == s[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rsum = sum(r for r, v in zip(ranks, y) if v == 1)
+    return (rsum - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def read_lines(path: str | Path, what: str) -> list[str]:
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise WeightsmithError(f"{what} file {p} does not exist") from None
+    except UnicodeDecodeError:
+        raise WeightsmithError(f"{what} file {p} is not UTF-8 text") from None
+    except OSError as e:
+        raise WeightsmithError(f"cannot read {what} file {p}: {e.strerror}") from None
+    lines = [ln for ln in lines if ln.strip()]
+    if not lines:
+        raise WeightsmithError(f"{what} file {p} has no non-empty line")
+    return lines
+
+
+def read_labels(path: str | Path) -> list[int]:
+    out = []
+    for i, ln in enumerate(read_lines(path, "labels"), 1):
+        v = ln.strip()
+        if v not in ("0", "1"):
+            raise WeightsmithError(f"labels file {path}: line {i} is {v!r}, not 0 or 1")
+        out.append(int(v))
+    return out
+
+
+def load_directions(diff_dir: str | Path, match: str | None = None) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``diff.json`` and, per matrix (regex ``match`` on its name), (S, V) from ``directions.safetensors``."""
+    from safetensors.torch import load_file
+
+    d = Path(diff_dir)
+    if not (d / SUMMARY).is_file() or not (d / DIRECTIONS).is_file():
+        raise WeightsmithError(f"{d} is not a `weightsmith diff --out` directory (no {SUMMARY} / {DIRECTIONS})")
+    try:
+        summary = json.loads((d / SUMMARY).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsmithError(f"{d / SUMMARY} is not valid JSON: {e}") from None
+    from ..model.source import _read_header
+
+    _read_header(d / DIRECTIONS)  # the whole header checked before anything is loaded
+    t = load_file(str(d / DIRECTIONS))
+    pat = None
+    if match is not None:
+        try:
+            pat = re.compile(match)
+        except re.error as e:
+            raise WeightsmithError(f"--match {match!r} is not a valid regex: {e}") from None
+    dirs = {}
+    for r in summary.get("matrices", []):
+        k = r["name"]
+        if pat is not None and not pat.search(k):
+            continue
+        if f"{k}.S" not in t or f"{k}.V" not in t:
+            raise WeightsmithError(f"{d / DIRECTIONS} lacks the directions of {k}")
+        dirs[k] = (t[f"{k}.S"].float(), t[f"{k}.V"].float())
+    if not dirs:
+        raise WeightsmithError(f"{d}: no stored directions" + (f" match {match!r}" if match else ""))
+    return summary, dirs
+
+
+def monitor(diff_dir: str | Path, tuned: str | Path, text: str | Path, labels: str | Path | None = None, *,
+            aggregate: str = "mean", match: str | None = None, seqlen: int = 512, per_layer: bool = False, progress: bool = False) -> dict:
+    """Score each non-empty line of ``text`` (module docstring); ``labels``: one 0/1 per non-empty line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..safety import from_pretrained
+
+    if seqlen < 1:
+        raise WeightsmithError(f"--seqlen must be at least 1, got {seqlen}")
+    if aggregate not in ("mean", "max"):
+        raise WeightsmithError(f"--aggregate must be mean or max, not {aggregate!r}")
+    texts = read_lines(text, "text")
+    y = read_labels(labels) if labels is not None else None
+    if y is not None and len(y) != len(texts):
+        raise WeightsmithError(f"{len(texts)} texts but {len(y)} labels (one per non-empty line each)")
+    summary, dirs = load_directions(diff_dir, match)
+    from ..model.source import CheckpointSource
+
+    with CheckpointSource(tuned) as src:  # refuse a wrong model before loading it
+        for k, (s, v) in dirs.items():
+            if k not in src.index:
+                raise WeightsmithError(f"{tuned} has no tensor {k} (the diff in {diff_dir} was made for another architecture)")
+            if src.shape(k)[1] != v.shape[0]:
+                raise WeightsmithError(f"{k}: {src.shape(k)[1]} inputs in {tuned} but the stored directions have {v.shape[0]}")
+        same = src.fingerprint().get("files") == (summary.get("tuned_fingerprint") or {}).get("files")
+    model = from_pretrained(AutoModelForCausalLM, tuned, dtype=torch.float32).eval()
+    tok = from_pretrained(AutoTokenizer, tuned)
+    modules = dict(model.named_modules())
+    hooks, cur, skipped = [], {}, []
+    for k in list(dirs):  # embeddings and other non-linear matrices have no input activations to project
+        mod = modules.get(k[: -len(".weight")] if k.endswith(".weight") else k)
+        if not isinstance(mod, torch.nn.Linear):
+            skipped.append(k)
+            del dirs[k]
+    if not dirs:
+        raise WeightsmithError(f"none of the matrices in {diff_dir} is the weight of a linear layer of {tuned}")
+    for k, (s, v) in dirs.items():
+        mod = modules[k[: -len(".weight")] if k.endswith(".weight") else k]
+        sv = (v * s).contiguous()  # n × K: (Vᵀx)·S in one product
+        s1 = float(s[0])
+
+        def hook(m, args, name=k, sv=sv, s1=s1):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            r = (x @ sv).norm(dim=1) / (s1 * x.norm(dim=1).clamp_min(1e-30))
+            cur[name] = float(r.max())
+
+        hooks.append(mod.register_forward_pre_hook(hook))
+    rows = []
+    it = enumerate(texts)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(list(it), desc="monitor", unit="text")
+    try:
+        with torch.no_grad():
+            for i, t in it:
+                ids = tok(t, return_tensors="pt").input_ids[:, :seqlen]
+                if ids.numel() == 0:
+                    raise WeightsmithError(f"text line {i + 1} tokenizes to nothing")
+                cur.clear()
+                model(ids)
+                per = [cur[k] for k in dirs]
+                score = sum(per) / len(per) if aggregate == "mean" else max(per)
+                top = max(dirs, key=lambda k: cur[k])
+                row = {"index": i, "score": score, "tokens": int(ids.shape[1]), "top_layer": top, "top_layer_score": cur[top]}
+                if per_layer:
+                    row["layers"] = dict(zip(dirs, per))
+                rows.append(row)
+    finally:
+        for h in hooks:
+            h.remove()
+    res = {"diff": str(diff_dir), "tuned": str(tuned), "layers": len(dirs), "aggregate": aggregate, "texts": len(rows),
+           "tuned_matches_diff": same,
+           "skipped": skipped, "scores": rows}
+    if y is not None:
+        for r, v in zip(rows, y):
+            r["label"] = v
+        res["auroc"] = auroc([r["score"] for r in rows], y)
+        res["positives"] = sum(y)
+    return res
+
+
+def json_lines(res: dict) -> str:
+    from ..validate import dumps
+
+    lines = [dumps(r) for r in res["scores"]]
+    lines.append(dumps({k: v for k, v in res.items() if k != "scores"}))
+    return "\n".join(lines)
