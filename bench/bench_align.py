@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from weightsmith.weightspace.align import align  # noqa: E402
-from weightsmith.weightspace.barrier import ALPHAS, interpolation_curve, text_windows  # noqa: E402
+from weightsmith.weightspace.barrier import interpolation_curve, text_windows  # noqa: E402
 
 
 def run(a: Path, b: Path, text: Path, out_dir: Path, name: str = "align", seqlen: int = 128, windows: int = 32,
@@ -37,6 +37,7 @@ def run(a: Path, b: Path, text: Path, out_dir: Path, name: str = "align", seqlen
         tmp = Path(tempfile.mkdtemp(prefix="bench-align-"))
         work = tmp
     try:
+        Path(work).mkdir(parents=True, exist_ok=True)
         aligned = Path(work) / "b_aligned"
         rep = align(a, b, aligned, residual=residual, overwrite=True)
         t_align = time.time() - t0
@@ -59,7 +60,7 @@ def run(a: Path, b: Path, text: Path, out_dir: Path, name: str = "align", seqlen
 
 def markdown(res: dict) -> str:
     b, a = res["before"], res["after"]
-    lines = [f"# Linear path A → B before and after weight matching", "",
+    lines = ["# Linear path A → B before and after weight matching", "",
              f"A = `{res['a']}`, B = `{res['b']}`; {res['windows']} windows of {res['seqlen']} tokens of `{res['text']}`; "
              f"residual-stream permutation {'on' if res['residual'] else 'off'}; matching: {res['align']['sweeps']} sweeps, "
              f"⟨A, B⟩ {res['align']['objective_before']:.4g} → {res['align']['objective_after']:.4g}.", "",
@@ -110,5 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    assert ALPHAS[0] == 0.0
     main()
