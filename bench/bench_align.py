@@ -7,6 +7,8 @@ of a text file, and the barrier max_α [L(α) − ((1 − α)L(0) + αL(1))] of 
 (``weightspace/barrier.py``). Run by hand:
 
     python bench/bench_align.py A B --text eval.txt [--seqlen 128 --windows 32] [--name align] [--work DIR]
+    python bench/bench_align.py --pico     # two pico Llamas (hidden 64, 2 blocks) trained from seeds 1 and 2 for
+                                           # 150 Adam steps on generated text, as tests/test_weightspace.py does (~15 s)
 
 Writes ``bench/results/<name>.json``, ``.md`` and, when matplotlib is installed, ``<name>.png`` (else
 the plot is skipped and the JSON says so). B' is written into ``--work`` (default: a temporary
@@ -30,7 +32,7 @@ from weightsmith.weightspace.barrier import interpolation_curve, text_windows  #
 
 
 def run(a: Path, b: Path, text: Path, out_dir: Path, name: str = "align", seqlen: int = 128, windows: int = 32,
-        work: Path | None = None, residual: bool = True) -> dict:
+        work: Path | None = None, residual: bool = True, labels: tuple[str, str, str] | None = None) -> dict:
     t0 = time.time()
     tmp = None
     if work is None:
@@ -47,7 +49,8 @@ def run(a: Path, b: Path, text: Path, out_dir: Path, name: str = "align", seqlen
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    res = {"a": str(a), "b": str(b), "text": str(text), "seqlen": seqlen, "windows": int(ids.shape[0]), "residual": residual,
+    la, lb, lt = labels or (str(a), str(b), str(text))
+    res = {"a": la, "b": lb, "text": lt, "seqlen": seqlen, "windows": int(ids.shape[0]), "residual": residual,
            "align": {k: rep[k] for k in ("objective_before", "objective_after", "sweeps", "units_moved")}, "align_seconds": t_align,
            "before": before, "after": after, "barrier_before": before["barrier"], "barrier_after": after["barrier"],
            "seconds": time.time() - t0}
@@ -93,11 +96,28 @@ def _plot(res: dict, path: Path) -> str | None:
     return str(path)
 
 
+def pico_pair(work: Path) -> tuple[Path, Path, Path]:
+    """The test's two pico models from two seeds and a held-out text of the same generator."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import torch
+    from conftest import make_text, save_pico
+    from test_weightspace import NORMAL, train
+
+    torch.set_num_threads(1)
+    work.mkdir(parents=True, exist_ok=True)
+    a = train(save_pico(work / "init1", "llama", seed=1), work / "a", seed=1, text_seed=7)
+    b = train(save_pico(work / "init2", "llama", seed=2), work / "b", seed=2, text_seed=7)
+    text = work / "eval.txt"
+    text.write_text(make_text(6000, 123, NORMAL))
+    return a, b, text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("a")
-    ap.add_argument("b")
-    ap.add_argument("--text", required=True)
+    ap.add_argument("a", nargs="?")
+    ap.add_argument("b", nargs="?")
+    ap.add_argument("--pico", action="store_true", help="train the two pico models of tests/test_weightspace.py and use them")
+    ap.add_argument("--text")
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--name", default="align")
@@ -105,8 +125,19 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     ap.add_argument("--no-residual", dest="residual", action="store_false")
     a = ap.parse_args()
-    res = run(Path(a.a), Path(a.b), Path(a.text), Path(a.out_dir), a.name, a.seqlen, a.windows,
-              Path(a.work) if a.work else None, a.residual)
+    if a.pico:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-align-pico-"))
+        try:
+            ma, mb, text = pico_pair(tmp)
+            res = run(ma, mb, text, Path(a.out_dir), a.name, 32, 16, tmp / "work", a.residual,
+                      labels=("pico llama, seed 1", "pico llama, seed 2", "generated text, held-out seed"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        if not (a.a and a.b and a.text):
+            ap.error("give A B --text FILE, or --pico")
+        res = run(Path(a.a), Path(a.b), Path(a.text), Path(a.out_dir), a.name, a.seqlen, a.windows,
+                  Path(a.work) if a.work else None, a.residual)
     print(json.dumps({k: res[k] for k in ("barrier_before", "barrier_after", "seconds", "plot")}))
 
 

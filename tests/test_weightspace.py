@@ -34,7 +34,7 @@ def train(init: Path, dst: Path, seed: int, steps: int = 150, text_seed: int | N
     from transformers import AutoModelForCausalLM
 
     tok = make_tokenizer()
-    ids = torch.tensor(tok.convert_tokens_to_ids(make_text(8000, seed if text_seed is None else text_seed, words).split()))
+    ids = torch.tensor(tok.convert_tokens_to_ids(make_text(40000, seed if text_seed is None else text_seed, words).split()))
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     model.train()
     g = torch.Generator().manual_seed(seed)
@@ -236,7 +236,7 @@ def test_align_is_exact_and_lowers_the_barrier(two_seeds, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     text = d / "eval.txt"
-    text.write_text(make_text(6000, 123))
+    text.write_text(make_text(6000, 123, NORMAL))
     res = mod.run(a, b, text, d / "results", "align_pico", seqlen=32, windows=16, work=d / "work")
     assert res["barrier_before"] > 0.1
     assert res["barrier_after"] < res["barrier_before"], res
