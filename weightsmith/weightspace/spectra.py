@@ -16,13 +16,15 @@ Per matrix ``W`` (m × n, float64 arithmetic), with singular values σ₁ ≥ σ
   SIAM Review 2009) — what WeightWatcher does through the ``powerlaw`` package. At least
   ``MIN_TAIL`` eigenvalues are kept in the tail; ``alpha_tail`` says how many were.
 
-Bounded cost: when min(m, n) > ``full_limit`` (default 2048) the spectrum is not computed whole; the
+Bounded cost: when min(m, n) > ``full_limit`` (default 1024) the spectrum is not computed whole
+(measured on one core: a 2048 × 5632 float64 spectrum takes 25 s, its randomized top 256 2.8 s); the
 top ``rank_cap`` (default 256) singular values come from a randomized SVD (Halko, Martinsson & Tropp
-2011: ``torch.svd_lowrank``, 4 power iterations, 10 oversampling columns). σ₁ and the stable rank
-are then those of the top values (σ₁ to the randomized accuracy), α is fitted on the top
+2011: ``torch.svd_lowrank`` in float32, 4 power iterations, 10 oversampling columns). σ₁ and the
+stable rank are then those of the top values (σ₁ to the randomized accuracy: 0.6 % low on a
+2048 × 5632 Gaussian matrix, whose flat spectrum is the worst case), α is fitted on the top
 ``rank_cap`` eigenvalues only (the tail start is searched among them), and the effective rank spreads
 the unexplained energy ‖W‖_F² − Σ_top σ_i² evenly over the remaining min(m, n) − rank_cap values
-(an estimate; ``method`` says ``randomized:256``).
+(an estimate; ``method`` says ``randomized:256``). ‖W‖_F is always exact.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import torch
 from ..errors import WeightsmithError
 
 MIN_TAIL = 10
-FULL_LIMIT = 2048
+FULL_LIMIT = 1024
 RANK_CAP = 256
 STATS = ("frobenius", "spectral", "stable_rank", "effective_rank", "alpha")
 _INTEGER = ("I64", "I32", "I16", "I8", "U8", "BOOL")
@@ -53,8 +55,8 @@ def singular_values(w: torch.Tensor, full_limit: int = FULL_LIMIT, rank_cap: int
     g = torch.random.fork_rng(devices=[])
     with g:
         torch.manual_seed(seed)
-        _, s, _ = torch.svd_lowrank(w, q=min(rank_cap + 10, r), niter=4)
-    return s[:rank_cap], f"randomized:{rank_cap}"
+        _, s, _ = torch.svd_lowrank(w.float(), q=min(rank_cap + 10, r), niter=4)  # float32: half the time, σ to ~1e-6
+    return s[:rank_cap].double(), f"randomized:{rank_cap}"
 
 
 def powerlaw_alpha(eigs: torch.Tensor, min_tail: int = MIN_TAIL) -> tuple[float | None, int, float | None]:
