@@ -91,6 +91,13 @@ def test_stats_equal_torch_linalg(tmp_path, capsys):
     md = capsys.readouterr().out
     assert "| mlp.gate_proj | 2 |" in md and "q_proj" not in md
     assert main(["inspect", str(src), "--stats", "--match", "("]) == 2
+    # a family: two models side by side, and the per-block plot
+    other = save_pico(tmp_path / "pico2", "llama", seed=5)
+    png = tmp_path / "family.png"
+    assert main(["inspect", str(src), str(other), "--stats", "--plot", str(png), "-q", "--json"]) == 0
+    fam = json.loads(capsys.readouterr().out)
+    assert [m["model"] for m in fam["models"]] == [str(src), str(other)] and fam["plot"] == str(png) and png.stat().st_size > 1000
+    assert main(["inspect", str(src), str(other)]) == 2  # several models only with --stats
 
 
 @pytest.mark.parametrize("alpha", [2.5, 4.0])

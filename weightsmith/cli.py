@@ -351,17 +351,33 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     if a.stats:
         if a.reference is not None:
-            raise WeightsmithError("--stats describes one model; it takes no --reference")
-        from .weightspace.spectra import format_markdown, weight_stats
+            raise WeightsmithError("--stats takes no --reference (give several models to compare them)")
+        from .weightspace import spectra
 
-        res = weight_stats(a.model, full_limit=a.full_limit, rank_cap=a.rank_cap, match=a.match, progress=not a.quiet)
-        print(dumps(res, indent=2) if a.json else format_markdown(res))
+        if a.plot is not None:
+            from .safety import check_output
+
+            check_output(a.plot, a.model, kind="file", overwrite=True)
+        kw = {"full_limit": a.full_limit, "rank_cap": a.rank_cap, "match": a.match, "progress": not a.quiet}
+        if len(a.model) == 1:
+            res = spectra.weight_stats(a.model[0], **kw)
+            text = spectra.format_markdown(res)
+        else:
+            res = spectra.family_stats(a.model, **kw)
+            text = spectra.format_family_markdown(res)
+        if a.plot is not None:
+            res["plot"] = spectra.plot(res, a.plot)
+            if res["plot"] is None:
+                log.warning("--plot: matplotlib is not installed; no plot written")
+        print(dumps(res, indent=2) if a.json else text)
         return 0
-    if a.match is not None:
-        raise WeightsmithError("--match goes with --stats")
+    if a.match is not None or a.plot is not None:
+        raise WeightsmithError("--match and --plot go with --stats")
+    if len(a.model) != 1:
+        raise WeightsmithError("inspect describes one model (several only with --stats)")
     from .inspect import main_print
 
-    main_print(a.model, a.reference, a.json)
+    main_print(a.model[0], a.reference, a.json)
     return 0
 
 
@@ -474,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", parents=[common], help="layers, dtypes, quantization scheme, bits per weight, size; error vs a reference",
                        description="Describe MODEL (weightsmith output, compressed-tensors, GPTQ format, .gguf or plain float dir).")
-    i.add_argument("model", help="model directory or .gguf file")
+    i.add_argument("model", nargs="+", help="model directory or .gguf file (several, a family, with --stats)")
     i.add_argument("--reference", help="the original float model: adds each matrix's relative Frobenius error")
     i.add_argument("--json", action="store_true", help="emit JSON instead of a table")
     i.add_argument("--stats", action="store_true",
@@ -484,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--stats: full spectrum up to this min(rows, cols); beyond, the top --rank-cap values by randomized SVD (default 1024)")
     i.add_argument("--rank-cap", type=int, default=256, help="--stats: singular values kept for larger matrices (default 256)")
     i.add_argument("--match", help="--stats: only the matrices whose name matches this regex")
+    i.add_argument("--plot", metavar="FILE.png", help="--stats: per block, alpha, effective and stable rank, spectral norm; one line per model")
     i.set_defaults(fn=cmd_inspect)
 
     df = sub.add_parser("diff", parents=[common], help="SVD of each matrix's fine-tuning update (Watch the Weights); store its top directions",

@@ -29,6 +29,7 @@ the unexplained energy ‖W‖_F² − Σ_top σ_i² evenly over the remaining m
 from __future__ import annotations
 
 import math
+import os
 import re
 import statistics
 from pathlib import Path
@@ -156,6 +157,69 @@ def weight_stats(model: str | Path, full_limit: int = FULL_LIMIT, rank_cap: int 
     return {"model": str(model), "full_limit": full_limit, "rank_cap": rank_cap,
             "alpha_estimator": "continuous MLE (Hill form) over the top-k eigenvalues of WᵀW, k by minimum KS distance",
             "matrices": rows, "by_type": summarize(rows)}
+
+
+def block_index(name: str) -> int | None:
+    """The block number of a matrix inside a numbered block (``model.layers.3.…`` → 3), else None."""
+    m = list(_LAYER_INDEX.finditer(name[: -len(".weight")] if name.endswith(".weight") else name))
+    return int(m[-1].group(0).strip(".")) if m else None
+
+
+def family_stats(models: list[str | Path], **kw) -> dict:
+    """:func:`weight_stats` of each model (read one after the other), side by side."""
+    if not models:
+        raise WeightsmithError("no model given")
+    return {"models": [weight_stats(m, **kw) for m in models]}
+
+
+def plot(res: dict, path: str | Path) -> str | None:
+    """Per block, the mean of each statistic over the block's matrices, one line per model; a PNG at
+    ``path``. None (no file) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = res["models"] if "models" in res else [res]
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6))
+    for ax, key, label in zip(axes.flat, ("alpha", "effective_rank", "stable_rank", "spectral"),
+                              ("α (power-law exponent of the ESD)", "effective rank", "stable rank", "spectral norm σ₁")):
+        for run in runs:
+            per: dict[int, list[float]] = {}
+            for r in run["matrices"]:
+                b = block_index(r["name"])
+                if b is not None and r.get(key) is not None:
+                    per.setdefault(b, []).append(r[key])
+            xs = sorted(per)
+            ax.plot(xs, [statistics.fmean(per[x]) for x in xs], "o-", ms=3, label=Path(run["model"]).name)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("block", fontsize=8)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}{path.suffix or '.png'}"  # complete or absent
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return str(path)
+
+
+def format_family_markdown(res: dict) -> str:
+    lines = ["# Weight statistics of a model family (mean per layer type)", "",
+             "| model | layer type | matrices | ‖W‖_F | σ₁ | stable rank | effective rank | α (median) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for run in res["models"]:
+        for t, d in run["by_type"].items():
+            def m(k, key="mean"):
+                return _f(d[k][key]) if d[k] else "–"
+            lines.append(f"| {run['model']} | {t} | {d['matrices']} | {m('frobenius')} | {m('spectral')} | {m('stable_rank')} | "
+                         f"{m('effective_rank')} | {m('alpha', 'median')} |")
+    return "\n".join(lines)
 
 
 def summarize(rows: list[dict]) -> dict:
