@@ -108,6 +108,8 @@ def _diff(base, tuned, rank: int, full_limit: int, progress: bool) -> tuple[dict
             tensors[f"{k}.S"] = s[:kk].float().contiguous()
             tensors[f"{k}.V"] = v[:, :kk].float().contiguous()
             del wb, d, u, v
+        if not rows:
+            raise WeightsmithError(f"{tuned} and {base} have the same matrices (ΔW = 0 everywhere): nothing to decompose")
         rows.sort(key=lambda r: -r["delta_frobenius"])
         res = {"base": str(base), "tuned": str(tuned), "rank": rank, "full_limit": full_limit, "changed": len(rows),
                "unchanged": unchanged, "only_in_one": only, "base_fingerprint": sb.fingerprint(),

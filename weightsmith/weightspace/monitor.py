@@ -124,6 +124,8 @@ def monitor(diff_dir: str | Path, tuned: str | Path, text: str | Path, labels: s
         raise WeightsmithError(f"--seqlen must be at least 1, got {seqlen}")
     if aggregate not in ("mean", "max"):
         raise WeightsmithError(f"--aggregate must be mean or max, not {aggregate!r}")
+    if Path(tuned).is_file():
+        raise WeightsmithError(f"monitor runs the tuned model with hooks: give it as a Hugging Face directory, not the file {tuned}")
     texts = read_lines(text, "text")
     y = read_labels(labels) if labels is not None else None
     if y is not None and len(y) != len(texts):
