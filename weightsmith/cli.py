@@ -496,8 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--stats", action="store_true",
                    help="model-zoo statistics of every matrix instead: Frobenius and spectral norm, stable and effective rank, "
                         "power-law exponent alpha of the eigenvalues of W^T W; per layer type; a Markdown table (or --json)")
-    i.add_argument("--full-limit", type=int, default=1024,
-                   help="--stats: full spectrum up to this min(rows, cols); beyond, the top --rank-cap values by randomized SVD (default 1024)")
+    i.add_argument("--full-limit", type=int, default=4096,
+                   help="--stats: full spectrum up to this min(rows, cols); beyond, the top --rank-cap values by randomized SVD (default 4096)")
     i.add_argument("--rank-cap", type=int, default=256, help="--stats: singular values kept for larger matrices (default 256)")
     i.add_argument("--match", help="--stats: only the matrices whose name matches this regex")
     i.add_argument("--plot", metavar="FILE.png", help="--stats: per block, alpha, effective and stable rank, spectral norm; one line per model")
@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("tuned", help="the fine-tuned model directory (or .gguf)")
     df.add_argument("--rank", type=int, default=8, help="singular directions kept per matrix (default 8)")
     df.add_argument("--out", help="directory to write the directions and the summary into (atomic)")
-    df.add_argument("--full-limit", type=int, default=1024, help="full SVD up to this min(rows, cols); beyond, randomized (default 1024)")
+    df.add_argument("--full-limit", type=int, default=4096, help="full SVD up to this min(rows, cols); beyond, randomized (default 4096)")
     df.add_argument("--json", action="store_true", help="emit the summary as JSON")
     df.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     df.set_defaults(fn=cmd_diff)

@@ -6,9 +6,10 @@ inputs that drive it show up as activations with large projections on those dire
 (``weightsmith monitor``, ``monitor.py``).
 
 Both checkpoints are read tensor by tensor (``CheckpointSource``: safetensors or GGUF). For each
-2-D floating tensor present in both with the same shape, ΔW (float64) is decomposed: in full when
-min(m, n) ≤ ``full_limit``, else by a randomized SVD of rank ``rank`` (+10 oversampling, 4 power
-iterations; the spectrum summary then covers the top values only). The top-``rank`` triplets are
+2-D floating tensor present in both with the same shape, ΔW (float32, sums in float64) is
+decomposed: in full when min(m, n) ≤ ``full_limit`` (through the smaller Gram matrix, memory one
+float32 ΔW plus min(m, n)² doubles), else by a randomized SVD of rank ``rank`` (+10 oversampling,
+4 power iterations; the spectrum summary then covers the top values only). The top-``rank`` triplets are
 stored: ``directions.safetensors`` holds ``<tensor>.U`` (m × K), ``<tensor>.S`` (K) and ``<tensor>.V``
 (n × K, the input-space directions the monitor projects activations on), float32; ``diff.json`` holds
 per tensor ‖ΔW‖_F, ‖ΔW‖_F / ‖W_base‖_F, σ₁, the share of ‖ΔW‖_F² in the top K, ΔW's stable and
@@ -25,21 +26,36 @@ import torch
 
 from ..errors import WeightsmithError
 from ..model.source import CheckpointSource
-from .spectra import FULL_LIMIT
+from .spectra import CHUNK_BYTES, FULL_LIMIT, gram, sum_squares
 
 DIRECTIONS = "directions.safetensors"
 SUMMARY = "diff.json"
 
 
 def _svd(d: torch.Tensor, rank: int, full_limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """(U_k, all singular values known, V_k, method) of ``d`` (float32), float64 results. In full: the
+    eigen-decomposition of the smaller Gram matrix (``spectra.gram``, no float64 copy of ``d``), the
+    other side's vectors as D·v/σ or Dᵀ·u/σ, slice by slice; else a randomized SVD of rank ``rank``."""
     r = min(d.shape)
-    if r <= full_limit:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
-        return u, s, vh.T, "full"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        u, s, v = torch.svd_lowrank(d, q=min(rank + 10, r), niter=4)
-    return u, s, v, f"randomized:{rank}"
+    if r > full_limit:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(d, q=min(rank + 10, r), niter=4)
+        return u.double(), s.double(), v.double(), f"randomized:{rank}"
+    g, rows = gram(d)
+    ev, vec = torch.linalg.eigh(g)
+    ev, vec = torch.flip(ev, [0]).clamp_min(0), torch.flip(vec, [1])
+    s = ev.sqrt()
+    k = int(min(rank, int((s > s[0] * 1e-7).sum()) if s[0] > 0 else 0))
+    top = vec[:, :k]
+    other = torch.empty((d.shape[1] if rows else d.shape[0], k), dtype=torch.float64)
+    step = max(1, CHUNK_BYTES // (8 * r))
+    for j in range(0, other.shape[0], step):  # Dᵀ·U (rows) or D·V, 64 MB of D at a time
+        c = (d[:, j : j + step].T if rows else d[j : j + step]).to(torch.float64)
+        other[j : j + step] = c @ top
+    other /= s[:k]
+    u, v = (top, other) if rows else (other, top)
+    return u, s, v, "full"
 
 
 def diff(base: str | Path, tuned: str | Path, rank: int = 8, out: str | Path | None = None, *, full_limit: int = FULL_LIMIT,
@@ -87,27 +103,29 @@ def _diff(base, tuned, rank: int, full_limit: int, progress: bool) -> tuple[dict
             it = tqdm(keys, desc="diff", unit="matrix")
         rows, unchanged, tensors = [], [], {}
         for k in it:
-            wb = sb.get(k).to(torch.float64)
-            d = st.get(k).to(torch.float64) - wb
-            if not torch.isfinite(d).all():
+            wb = sb.get(k).float()
+            base_norm = math.sqrt(sum_squares(wb))
+            d = st.get(k).float().sub_(wb)
+            del wb
+            fro2 = sum_squares(d)
+            if not math.isfinite(fro2) or not math.isfinite(base_norm):
                 raise WeightsmithError(f"{k}: NaN or Inf in the weights of {base} or {tuned}")
-            fro2 = float((d * d).sum())
             if fro2 == 0.0:
                 unchanged.append(k)
                 continue
             u, s, v, method = _svd(d, rank, full_limit)
-            kk = min(rank, s.numel())
+            kk = min(rank, s.numel(), u.shape[1])
             s1 = float(s[0])
             p = s[s > 0] / s.sum()
             rows.append({"name": k, "shape": list(d.shape), "method": method, "delta_frobenius": math.sqrt(fro2),
-                         "relative_delta": math.sqrt(fro2) / max(float(wb.norm()), 1e-300), "sigma_1": s1,
+                         "relative_delta": math.sqrt(fro2) / max(base_norm, 1e-300), "sigma_1": s1,
                          "top_energy": float((s[:kk] ** 2).sum()) / fro2, "stable_rank": fro2 / (s1 * s1),
                          "effective_rank": math.exp(float(-(p * torch.log(p)).sum())) if method == "full" else None,
                          "singular_values": [float(x) for x in s[:kk]]})
             tensors[f"{k}.U"] = u[:, :kk].float().contiguous()
             tensors[f"{k}.S"] = s[:kk].float().contiguous()
             tensors[f"{k}.V"] = v[:, :kk].float().contiguous()
-            del wb, d, u, v
+            del d, u, v
         if not rows:
             raise WeightsmithError(f"{tuned} and {base} have the same matrices (ΔW = 0 everywhere): nothing to decompose")
         rows.sort(key=lambda r: -r["delta_frobenius"])
