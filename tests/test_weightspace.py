@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import WORDS, make_text, make_tokenizer, save_pico
 from weightsmith.cli import main
 from weightsmith.weightspace.lap import linear_sum_assignment
-from weightsmith.weightspace.monitor import auroc
+from weightsmith.weightspace.monitor import auroc, monitor
 from weightsmith.weightspace.spectra import matrix_stats, powerlaw_alpha, weight_stats
 
 torch.set_num_threads(1)
@@ -207,6 +207,17 @@ def test_diff_and_monitor_flag_the_trigger(tmp_path, capsys):
     neg = [r["score"] for r in rows if r["label"] == 0]
     assert sum(pos) / len(pos) > sum(neg) / len(neg)
     assert math.isclose(tail["auroc"], auroc([r["score"] for r in rows], labels))
+    # calibrated on clean texts: scores relative to the clean maxima, and flags
+    (tmp_path / "clean.txt").write_text("\n".join(make_text(12, 900 + i, NORMAL) for i in range(30)) + "\n")
+    assert main(["monitor", str(out), str(tuned), "--text", str(tmp_path / "texts.txt"), "--labels", str(tmp_path / "labels.txt"),
+                 "--calib", str(tmp_path / "clean.txt"), "-q"]) == 0
+    tail = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert tail["calibration_texts"] == 30 and tail["auroc"] > 0.8
+    assert tail["flag_rate_positives"] >= 0.9 and tail["flag_rate_negatives"] < 0.5, tail
+    # the paper's reading (layer outputs against the left singular directions) runs too
+    res = monitor(out, tuned, tmp_path / "texts.txt", tmp_path / "labels.txt", side="output", calib=tmp_path / "clean.txt",
+                  aggregate="max")
+    assert res["side"] == "output" and 0.0 <= res["auroc"] <= 1.0 and all(r["top_layer_score"] >= 0 for r in res["scores"])
     # bad input: one line, exit 2
     (tmp_path / "few.txt").write_text("1\n0\n")
     assert main(["monitor", str(out), str(tuned), "--text", str(tmp_path / "texts.txt"), "--labels", str(tmp_path / "few.txt")]) == 2

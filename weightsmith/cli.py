@@ -392,8 +392,8 @@ def cmd_diff(a: argparse.Namespace) -> int:
 def cmd_monitor(a: argparse.Namespace) -> int:
     from .weightspace.monitor import json_lines, monitor
 
-    res = monitor(a.diff_dir, a.tuned, a.text, a.labels, aggregate=a.aggregate, match=a.match, seqlen=a.seqlen,
-                  per_layer=a.per_layer, progress=not a.quiet)
+    res = monitor(a.diff_dir, a.tuned, a.text, a.labels, calib=a.calib, side=a.side, aggregate=a.aggregate, match=a.match,
+                  seqlen=a.seqlen, per_layer=a.per_layer, progress=not a.quiet)
     print(json_lines(res))
     return 0
 
@@ -519,12 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
     mo = sub.add_parser("monitor", parents=[common], help="score texts by how strongly they excite a fine-tune's update directions",
                         description="Run TUNED on each non-empty line of --text with hooks on the linear layers stored in DIFF_DIR "
                                     "(`weightsmith diff --out`); a text's score is the mean over layers of the max over tokens of "
-                                    "||S*(V^T x)|| / (sigma_1 ||x||). Prints one JSON line per text and a summary line "
-                                    "(AUROC with --labels).")
+                                    "||S*(V^T x)|| / (sigma_1 ||x||) (--side output: of the largest cosine of the layer's output with "
+                                    "a left singular direction), relative to clean --calib texts when given. Prints one JSON line per "
+                                    "text and a summary line (AUROC with --labels; flags and flag rates with --calib).")
     mo.add_argument("diff_dir", help="directory written by `weightsmith diff --out`")
     mo.add_argument("tuned", help="the fine-tuned model the diff was made for")
     mo.add_argument("--text", required=True, help="UTF-8 file, one input text per non-empty line")
     mo.add_argument("--labels", help="one 0/1 per non-empty line (1: should trigger the fine-tuned behaviour): adds the AUROC")
+    mo.add_argument("--calib", help="clean texts, one per non-empty line: each layer's score is divided by its maximum over them, "
+                                    "and a text exceeding 1 on some layer is flagged")
+    mo.add_argument("--side", choices=["input", "output"], default="input",
+                    help="input: ||S*(V^T x)|| / (sigma_1 ||x||) of each layer's input (default); output: the largest cosine of "
+                         "each layer's output with a left singular direction (the paper's reading)")
     mo.add_argument("--aggregate", choices=["mean", "max"], default="mean", help="over layers (default mean)")
     mo.add_argument("--match", help="only the stored matrices whose name matches this regex")
     mo.add_argument("--seqlen", type=int, default=512, help="tokens per text kept (default 512)")

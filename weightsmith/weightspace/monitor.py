@@ -1,19 +1,26 @@
 """``weightsmith monitor DIFF_DIR TUNED --text FILE``: score inputs by how strongly they drive a fine-tune's update.
 
-After "Watch the Weights: Unsupervised monitoring and control of fine-tuned LLMs" (Zhong, Raghunathan
-et al., 2025). ``weightsmith diff`` stored, per matrix, the top-K singular triplets (U, S, V) of
-ΔW = W_tuned − W_base. A forward pre-hook on each of those linear layers of the tuned model captures
-its input x_t at every token t (stored matrices that are not a linear layer's weight — embeddings —
-are skipped and listed), and
+After "Watch the Weights: Unsupervised monitoring and control of fine-tuned LLMs" (Zhong & Raghunathan,
+2025). ``weightsmith diff`` stored, per matrix, the top-K singular triplets (U, S, V) of
+ΔW = W_tuned − W_base. Hooks on each of those linear layers of the tuned model (stored matrices that
+are not a linear layer's weight — embeddings — are skipped and listed) give, per token t:
 
-    r_ℓ,t = ‖S ⊙ (Vᵀ x_t)‖ / (σ₁ ‖x_t‖)   = ‖ΔW_K x_t‖ / (‖ΔW_K‖₂ ‖x_t‖) ∈ [0, 1]
+- ``side="input"`` (default): a forward pre-hook captures the layer's input x_t and
+  r_ℓ,t = ‖S ⊙ (Vᵀ x_t)‖ / (σ₁ ‖x_t‖) = ‖ΔW_K x_t‖ / (‖ΔW_K‖₂ ‖x_t‖) ∈ [0, 1], how much of the
+  (rank-K) update the token's input excites, relative to the most it could;
+- ``side="output"``: the paper's reading — a forward hook captures the layer's output y_t and
+  r_ℓ,t = max_j |u_jᵀ y_t| / ‖y_t‖, the largest cosine with a left singular direction (the paper
+  reads the residual stream after the block, with the directions of o_proj and down_proj; here it is
+  each layer's own output, which for o_proj / down_proj is what the block writes to the residual).
 
-is how much of the (rank-K) update the token's input excites, relative to the most it could. A text's
-score on layer ℓ is the maximum over its tokens, s_ℓ = max_t r_ℓ,t (a behaviour triggered by a few
-tokens shows at those tokens); its score is the mean over the monitored layers, s = mean_ℓ s_ℓ
-(``aggregate="max"``: the maximum). No labels are used to score. With labels (1 = the input should
-trigger the fine-tuned behaviour), the AUROC of the scores is reported: the Mann–Whitney statistic
-with tied scores given their average rank (a tie between a positive and a negative counts ½).
+A text's score on layer ℓ is the maximum over its tokens, s_ℓ = max_t r_ℓ,t (a behaviour triggered by
+a few tokens shows at those tokens). With ``calib`` (clean texts, one per line: the paper's
+calibration on ordinary data), each layer's score is divided by its maximum over the calibration
+texts, and a text is *flagged* when some layer exceeds 1 (outside the range seen on clean data). The
+text's score is the mean over the monitored layers (``aggregate="max"``: the maximum). No labels are
+used to score. With labels (1 = the input should trigger the fine-tuned behaviour), the AUROC of the
+scores is reported — the Mann–Whitney statistic with tied scores given their average rank (a tie
+between a positive and a negative counts ½) — and, with ``calib``, the flag rate of each class.
 """
 from __future__ import annotations
 
@@ -79,8 +86,8 @@ def read_labels(path: str | Path) -> list[int]:
     return out
 
 
-def load_directions(diff_dir: str | Path, match: str | None = None) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """``diff.json`` and, per matrix (regex ``match`` on its name), (S, V) from ``directions.safetensors``."""
+def load_directions(diff_dir: str | Path, match: str | None = None) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """``diff.json`` and, per matrix (regex ``match`` on its name), its U, S, V from ``directions.safetensors``."""
     from safetensors.torch import load_file
 
     d = Path(diff_dir)
@@ -105,17 +112,55 @@ def load_directions(diff_dir: str | Path, match: str | None = None) -> tuple[dic
         k = r["name"]
         if pat is not None and not pat.search(k):
             continue
-        if f"{k}.S" not in t or f"{k}.V" not in t:
+        if any(f"{k}.{x}" not in t for x in "USV"):
             raise WeightsmithError(f"{d / DIRECTIONS} lacks the directions of {k}")
-        dirs[k] = (t[f"{k}.S"].float(), t[f"{k}.V"].float())
+        dirs[k] = {x: t[f"{k}.{x}"].float() for x in "USV"}
     if not dirs:
         raise WeightsmithError(f"{d}: no stored directions" + (f" match {match!r}" if match else ""))
     return summary, dirs
 
 
+class _Scorer:
+    """Hooks on the monitored linear layers; ``run(ids)`` → {matrix: max over tokens of r}."""
+
+    def __init__(self, model, dirs: dict, side: str):
+        self.cur: dict[str, float] = {}
+        self.hooks = []
+        modules = dict(model.named_modules())
+        for k, d in dirs.items():
+            mod = modules[k[: -len(".weight")] if k.endswith(".weight") else k]
+            if side == "input":
+                sv, s1 = (d["V"] * d["S"]).contiguous(), float(d["S"][0])  # n × K: (Vᵀx)·S in one product
+
+                def pre(m, args, name=k, sv=sv, s1=s1):
+                    x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                    self.cur[name] = float(((x @ sv).norm(dim=1) / (s1 * x.norm(dim=1).clamp_min(1e-30))).max())
+
+                self.hooks.append(mod.register_forward_pre_hook(pre))
+            else:
+                u = d["U"].contiguous()
+
+                def post(m, args, out, name=k, u=u):
+                    y = out.detach().float().reshape(-1, out.shape[-1])
+                    self.cur[name] = float(((y @ u).abs().amax(dim=1) / y.norm(dim=1).clamp_min(1e-30)).max())
+
+                self.hooks.append(mod.register_forward_hook(post))
+
+    def run(self, model, ids) -> dict[str, float]:
+        self.cur.clear()
+        model(ids)
+        return dict(self.cur)
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+
 def monitor(diff_dir: str | Path, tuned: str | Path, text: str | Path, labels: str | Path | None = None, *,
-            aggregate: str = "mean", match: str | None = None, seqlen: int = 512, per_layer: bool = False, progress: bool = False) -> dict:
-    """Score each non-empty line of ``text`` (module docstring); ``labels``: one 0/1 per non-empty line."""
+            calib: str | Path | None = None, side: str = "input", aggregate: str = "mean", match: str | None = None,
+            seqlen: int = 512, per_layer: bool = False, progress: bool = False) -> dict:
+    """Score each non-empty line of ``text`` (module docstring); ``labels``: one 0/1 per non-empty line;
+    ``calib``: clean texts whose per-layer maxima normalise the scores and set the flags."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..safety import from_pretrained
@@ -124,76 +169,85 @@ def monitor(diff_dir: str | Path, tuned: str | Path, text: str | Path, labels: s
         raise WeightsmithError(f"--seqlen must be at least 1, got {seqlen}")
     if aggregate not in ("mean", "max"):
         raise WeightsmithError(f"--aggregate must be mean or max, not {aggregate!r}")
+    if side not in ("input", "output"):
+        raise WeightsmithError(f"--side must be input or output, not {side!r}")
     if Path(tuned).is_file():
         raise WeightsmithError(f"monitor runs the tuned model with hooks: give it as a Hugging Face directory, not the file {tuned}")
     texts = read_lines(text, "text")
     y = read_labels(labels) if labels is not None else None
     if y is not None and len(y) != len(texts):
         raise WeightsmithError(f"{len(texts)} texts but {len(y)} labels (one per non-empty line each)")
+    clean = read_lines(calib, "calibration") if calib is not None else None
     summary, dirs = load_directions(diff_dir, match)
     from ..model.source import CheckpointSource
 
     with CheckpointSource(tuned) as src:  # refuse a wrong model before loading it
-        for k, (s, v) in dirs.items():
+        for k, d in dirs.items():
             if k not in src.index:
                 raise WeightsmithError(f"{tuned} has no tensor {k} (the diff in {diff_dir} was made for another architecture)")
-            if src.shape(k)[1] != v.shape[0]:
-                raise WeightsmithError(f"{k}: {src.shape(k)[1]} inputs in {tuned} but the stored directions have {v.shape[0]}")
+            if tuple(src.shape(k)) != (d["U"].shape[0], d["V"].shape[0]):
+                raise WeightsmithError(f"{k}: shape {tuple(src.shape(k))} in {tuned} but the stored directions are for "
+                                       f"{(d['U'].shape[0], d['V'].shape[0])}")
         same = src.fingerprint().get("files") == (summary.get("tuned_fingerprint") or {}).get("files")
     model = from_pretrained(AutoModelForCausalLM, tuned, dtype=torch.float32).eval()
     tok = from_pretrained(AutoTokenizer, tuned)
     modules = dict(model.named_modules())
-    hooks, cur, skipped = [], {}, []
-    for k in list(dirs):  # embeddings and other non-linear matrices have no input activations to project
-        mod = modules.get(k[: -len(".weight")] if k.endswith(".weight") else k)
-        if not isinstance(mod, torch.nn.Linear):
-            skipped.append(k)
-            del dirs[k]
+    skipped = [k for k in dirs if not isinstance(modules.get(k[: -len(".weight")] if k.endswith(".weight") else k), torch.nn.Linear)]
+    for k in skipped:  # embeddings and other non-linear matrices have no activations to project
+        del dirs[k]
     if not dirs:
         raise WeightsmithError(f"none of the matrices in {diff_dir} is the weight of a linear layer of {tuned}")
-    for k, (s, v) in dirs.items():
-        mod = modules[k[: -len(".weight")] if k.endswith(".weight") else k]
-        sv = (v * s).contiguous()  # n × K: (Vᵀx)·S in one product
-        s1 = float(s[0])
+    scorer = _Scorer(model, dirs, side)
 
-        def hook(m, args, name=k, sv=sv, s1=s1):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            r = (x @ sv).norm(dim=1) / (s1 * x.norm(dim=1).clamp_min(1e-30))
-            cur[name] = float(r.max())
+    def score_all(lines: list[str], what: str) -> list[tuple[int, dict[str, float]]]:
+        out = []
+        it = lines
+        if progress:
+            from tqdm import tqdm
 
-        hooks.append(mod.register_forward_pre_hook(hook))
-    rows = []
-    it = enumerate(texts)
-    if progress:
-        from tqdm import tqdm
+            it = tqdm(lines, desc=what, unit="text")
+        for i, t in enumerate(it):
+            ids = tok(t, return_tensors="pt").input_ids[:, :seqlen]
+            if ids.numel() == 0:
+                raise WeightsmithError(f"{what} line {i + 1} tokenizes to nothing")
+            out.append((int(ids.shape[1]), scorer.run(model, ids)))
+        return out
 
-        it = tqdm(list(it), desc="monitor", unit="text")
     try:
         with torch.no_grad():
-            for i, t in it:
-                ids = tok(t, return_tensors="pt").input_ids[:, :seqlen]
-                if ids.numel() == 0:
-                    raise WeightsmithError(f"text line {i + 1} tokenizes to nothing")
-                cur.clear()
-                model(ids)
-                per = [cur[k] for k in dirs]
-                score = sum(per) / len(per) if aggregate == "mean" else max(per)
-                top = max(dirs, key=lambda k: cur[k])
-                row = {"index": i, "score": score, "tokens": int(ids.shape[1]), "top_layer": top, "top_layer_score": cur[top]}
-                if per_layer:
-                    row["layers"] = dict(zip(dirs, per))
-                rows.append(row)
+            base = None
+            if clean is not None:
+                cal = score_all(clean, "calibration")
+                base = {k: max(c[k] for _, c in cal) for k in dirs}
+            scored = score_all(texts, "monitor")
     finally:
-        for h in hooks:
-            h.remove()
-    res = {"diff": str(diff_dir), "tuned": str(tuned), "layers": len(dirs), "aggregate": aggregate, "texts": len(rows),
-           "tuned_matches_diff": same,
-           "skipped": skipped, "scores": rows}
+        scorer.close()
+    rows = []
+    for i, (n, cur) in enumerate(scored):
+        per = {k: cur[k] / base[k] if base is not None and base[k] > 0 else cur[k] for k in dirs}
+        vals = list(per.values())
+        top = max(per, key=per.get)
+        row = {"index": i, "score": sum(vals) / len(vals) if aggregate == "mean" else max(vals), "tokens": n,
+               "top_layer": top, "top_layer_score": per[top]}
+        if base is not None:
+            row["flagged"] = per[top] > 1.0
+        if per_layer:
+            row["layers"] = per
+        rows.append(row)
+    res = {"diff": str(diff_dir), "tuned": str(tuned), "side": side, "layers": len(dirs), "aggregate": aggregate, "texts": len(rows),
+           "tuned_matches_diff": same, "skipped": skipped, "scores": rows}
+    if base is not None:
+        res["calibration_texts"] = len(clean)
+        res["flagged"] = sum(r["flagged"] for r in rows)
     if y is not None:
         for r, v in zip(rows, y):
             r["label"] = v
         res["auroc"] = auroc([r["score"] for r in rows], y)
         res["positives"] = sum(y)
+        if base is not None:
+            fl = [r["flagged"] for r in rows]
+            res["flag_rate_positives"] = sum(f for f, v in zip(fl, y) if v) / sum(y)
+            res["flag_rate_negatives"] = sum(f for f, v in zip(fl, y) if not v) / (len(y) - sum(y))
     return res
 
 
