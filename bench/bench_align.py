@@ -32,7 +32,7 @@ from weightsmith.weightspace.barrier import interpolation_curve, text_windows  #
 
 
 def run(a: Path, b: Path, text: Path, out_dir: Path, name: str = "align", seqlen: int = 128, windows: int = 32,
-        work: Path | None = None, residual: bool = True, labels: tuple[str, str, str] | None = None) -> dict:
+        work: Path | None = None, residual: bool = True, labels: tuple[str, str, str] | None = None, restarts: int = 8) -> dict:
     t0 = time.time()
     tmp = None
     if work is None:
@@ -41,7 +41,7 @@ def run(a: Path, b: Path, text: Path, out_dir: Path, name: str = "align", seqlen
     try:
         Path(work).mkdir(parents=True, exist_ok=True)
         aligned = Path(work) / "b_aligned"
-        rep = align(a, b, aligned, residual=residual, overwrite=True)
+        rep = align(a, b, aligned, residual=residual, restarts=restarts, overwrite=True)
         t_align = time.time() - t0
         ids = text_windows(a, Path(text).read_text(encoding="utf-8"), seqlen, windows)
         before = interpolation_curve(a, b, ids)
@@ -51,7 +51,9 @@ def run(a: Path, b: Path, text: Path, out_dir: Path, name: str = "align", seqlen
             shutil.rmtree(tmp, ignore_errors=True)
     la, lb, lt = labels or (str(a), str(b), str(text))
     res = {"a": la, "b": lb, "text": lt, "seqlen": seqlen, "windows": int(ids.shape[0]), "residual": residual,
-           "align": {k: rep[k] for k in ("objective_before", "objective_after", "sweeps", "units_moved")}, "align_seconds": t_align,
+           "align": {k: rep[k] for k in ("objective_before", "objective_after", "sweeps", "units_moved", "restarts", "objectives",
+                                         "seed")},
+           "align_seconds": t_align,
            "before": before, "after": after, "barrier_before": before["barrier"], "barrier_after": after["barrier"],
            "seconds": time.time() - t0}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +67,8 @@ def markdown(res: dict) -> str:
     b, a = res["before"], res["after"]
     lines = ["# Linear path A → B before and after weight matching", "",
              f"A = `{res['a']}`, B = `{res['b']}`; {res['windows']} windows of {res['seqlen']} tokens of `{res['text']}`; "
-             f"residual-stream permutation {'on' if res['residual'] else 'off'}; matching: {res['align']['sweeps']} sweeps, "
+             f"residual-stream permutation {'on' if res['residual'] else 'off'}; matching: best of {res['align']['restarts']} seeded "
+             f"descents (seed {res['align']['seed']}, {res['align']['sweeps']} sweeps), "
              f"⟨A, B⟩ {res['align']['objective_before']:.4g} → {res['align']['objective_after']:.4g}.", "",
              "| α | loss A↔B | ppl A↔B | loss A↔B' | ppl A↔B' |", "|---:|---:|---:|---:|---:|"]
     for i, al in enumerate(b["alphas"]):
@@ -124,20 +127,21 @@ def main() -> None:
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--work", default=None)
     ap.add_argument("--no-residual", dest="residual", action="store_false")
+    ap.add_argument("--restarts", type=int, default=8, help="seeded descents, the best match kept (default 8)")
     a = ap.parse_args()
     if a.pico:
         tmp = Path(tempfile.mkdtemp(prefix="bench-align-pico-"))
         try:
             ma, mb, text = pico_pair(tmp)
             res = run(ma, mb, text, Path(a.out_dir), a.name, 32, 16, tmp / "work", a.residual,
-                      labels=("pico llama, seed 1", "pico llama, seed 2", "generated text, held-out seed"))
+                      labels=("pico llama, seed 1", "pico llama, seed 2", "generated text, held-out seed"), restarts=a.restarts)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     else:
         if not (a.a and a.b and a.text):
             ap.error("give A B --text FILE, or --pico")
         res = run(Path(a.a), Path(a.b), Path(a.text), Path(a.out_dir), a.name, a.seqlen, a.windows,
-                  Path(a.work) if a.work else None, a.residual)
+                  Path(a.work) if a.work else None, a.residual, restarts=a.restarts)
     print(json.dumps({k: res[k] for k in ("barrier_before", "barrier_after", "seconds", "plot")}))
 
 

@@ -241,7 +241,10 @@ def test_align_is_exact_and_lowers_the_barrier(two_seeds, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["objective_after"] > rep["objective_before"] and rep["units_moved"]["mlp.0"] > 0
     saved = json.loads((out / "align.json").read_text())
-    assert sorted(saved["permutations"]["residual"]) == list(range(64)) and len(saved["permutations"]["heads.1"]) == 2
+    pm = saved["permutations"]
+    assert sorted(pm["residual"]) == list(range(64)) and sorted(pm["kv.1"]) == [0, 1] and sorted(pm["q.1"]) == [0, 1, 2, 3]
+    for i in (0, 1):  # the query heads of a kv head go to the query heads of its image (GQA, 2 per kv head)
+        assert all(pm[f"q.{i}"][h] // 2 == pm[f"kv.{i}"][h // 2] for h in range(4))
     ids = torch.tensor([make_tokenizer().convert_tokens_to_ids(make_text(48, 99).split())])
     assert (logits(b, ids) - logits(out, ids)).abs().max() < 1e-5
     assert (load_file(out / "model.safetensors")["model.norm.weight"] != load_file(b / "model.safetensors")["model.norm.weight"]).any()

@@ -401,7 +401,8 @@ def cmd_monitor(a: argparse.Namespace) -> int:
 def cmd_align(a: argparse.Namespace) -> int:
     from .weightspace.align import align
 
-    print(dumps(align(a.a, a.b, a.out, residual=a.residual, max_iter=a.max_iter, seed=a.seed, overwrite=a.overwrite)))
+    print(dumps(align(a.a, a.b, a.out, residual=a.residual, max_iter=a.max_iter, seed=a.seed, restarts=a.restarts,
+                      overwrite=a.overwrite)))
     return 0
 
 
@@ -548,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the residual stream's order (permute MLP units and heads only)")
     al.add_argument("--max-iter", type=int, default=100, help="coordinate-descent sweeps at most (default 100)")
     al.add_argument("--seed", type=int, default=0, help="seed of the order of the permutations in a sweep (default 0)")
+    al.add_argument("--restarts", type=int, default=1,
+                    help="run the descent from this many seeds (seed, seed+1, ...) and keep the best match (default 1)")
     al.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     al.set_defaults(fn=cmd_align)
 

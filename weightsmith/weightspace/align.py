@@ -11,10 +11,13 @@ For Llama-style decoders (llama, mistral, qwen2: RMSNorm, rotary attention with 
 permutations are:
 - per block, the MLP's hidden units: rows of ``gate_proj`` / ``up_proj`` (and their biases), columns
   of ``down_proj``;
-- per block, the attention heads as whole units, by key/value group: a kv head moves with its rows of
-  ``k_proj`` / ``v_proj`` and with the n_heads / n_kv_heads query heads that read it (their rows of
-  ``q_proj``, their columns of ``o_proj``), so grouped-query attention stays consistent and each
-  head's rotary layout is untouched (query heads are not permuted within their group);
+- per block, the attention heads as whole units (each head's rows keep their order, so its rotary
+  layout is untouched): a permutation of the key/value heads (rows of ``k_proj`` / ``v_proj``) and one
+  of the query heads (rows of ``q_proj``, columns of ``o_proj``) that maps the n_heads / n_kv_heads
+  query heads reading a kv head onto those reading its image, so grouped-query attention stays
+  consistent. The pair is solved jointly: for every (kv head of A, kv head of B) the best assignment
+  of their query heads is a small assignment problem, and the kv heads are then assigned on the
+  sum of the k/v similarity and that best query-head value;
 - with ``residual=True`` (the default), one permutation of the residual stream for the whole model:
   columns of the embedding (and of an untied ``lm_head``), every norm weight, the input columns of
   q/k/v/gate/up and the output rows (and biases) of o/down. It is exact: RMSNorm's scale
@@ -48,6 +51,8 @@ class PermSpec:
     """Permutations (name → size) and, per tensor, the axes they act on: (axis, perm, unit size)."""
     sizes: dict[str, int] = field(default_factory=dict)
     axes: dict[str, list[tuple[int, str, int]]] = field(default_factory=dict)
+    # coupled attention permutations: name → (query-head perm, kv-head perm, query heads per kv head)
+    heads: dict[str, tuple[str, str, int]] = field(default_factory=dict)
 
     def add(self, key: str, axis: int, perm: str, unit: int) -> None:
         self.axes.setdefault(key, []).append((axis, perm, unit))
@@ -88,7 +93,7 @@ def llama_spec(config: dict, keys: list[str], shapes: dict[str, tuple], residual
         if not m or int(m.group(1)) >= n_layers:
             raise WeightsmithError(f"align: tensor {k} is not part of a Llama-style model it knows how to permute")
         i, rest = int(m.group(1)), m.group(2)
-        heads, mlp = f"heads.{i}", f"mlp.{i}"
+        qh, kvh, mlp = f"q.{i}", f"kv.{i}", f"mlp.{i}"
         if rest in ("input_layernorm.weight", "post_attention_layernorm.weight"):
             if residual:
                 spec.add(k, 0, "residual", 1)
@@ -99,16 +104,18 @@ def llama_spec(config: dict, keys: list[str], shapes: dict[str, tuple], residual
         if len(parts) != 3 or parts[2] not in ("weight", "bias"):
             raise WeightsmithError(f"align: tensor {k} is not part of a Llama-style model it knows how to permute")
         mod, proj, kind = parts
-        spec.sizes.setdefault(heads, nkv)
+        spec.sizes.setdefault(qh, nh)
+        spec.sizes.setdefault(kvh, nkv)
+        spec.heads[f"heads.{i}"] = (qh, kvh, rep)
         if mod == "self_attn" and proj in ATTN:
-            unit = rep * hd if proj in ("q_proj", "o_proj") else hd
+            perm = qh if proj in ("q_proj", "o_proj") else kvh
             if proj == "o_proj":
                 if kind == "weight":
-                    spec.add(k, 1, heads, unit)
+                    spec.add(k, 1, perm, hd)
                 if residual:
                     spec.add(k, 0, "residual", 1)
             else:
-                spec.add(k, 0, heads, unit)
+                spec.add(k, 0, perm, hd)
                 if kind == "weight" and residual:
                     spec.add(k, 1, "residual", 1)
         elif mod == "mlp" and proj in MLP:
@@ -165,23 +172,62 @@ def _similarity(p: str, spec: PermSpec, a: dict, b: dict, perms: dict) -> torch.
     return s
 
 
+def _match_heads(names: tuple[str, str, int], spec: PermSpec, a: dict, b: dict, perms: dict) -> float:
+    """The kv-head and query-head permutations of one attention block, jointly optimal with the
+    other permutations fixed (module docstring). Updates ``perms``; returns the gain."""
+    qn, kvn, rep = names
+    sq = _similarity(qn, spec, a, b, perms).numpy()  # query heads of A × query heads of B
+    skv = _similarity(kvn, spec, a, b, perms).numpy()
+    g = skv.shape[0]
+    best = np.zeros((g, g))
+    sub = {}
+    for i in range(g):
+        for j in range(g):
+            blk = sq[i * rep : (i + 1) * rep, j * rep : (j + 1) * rep]
+            sub[i, j] = linear_sum_assignment(blk, maximize=True)
+            best[i, j] = skv[i, j] + blk[np.arange(rep), sub[i, j]].sum()
+    kv = linear_sum_assignment(best, maximize=True)
+    q = np.concatenate([kv[i] * rep + sub[i, int(kv[i])] for i in range(g)])
+    old_q, old_kv = perms[qn].numpy(), perms[kvn].numpy()
+    old = float(skv[np.arange(g), old_kv].sum() + sq[np.arange(len(old_q)), old_q].sum())
+    new = float(best[np.arange(g), kv].sum())
+    if new - old > 1e-12 * max(abs(old), 1.0):
+        perms[qn], perms[kvn] = torch.from_numpy(q.astype(np.int64)), torch.from_numpy(kv.astype(np.int64))
+        return new - old
+    return 0.0
+
+
 def objective(a: dict, b: dict) -> float:
     return float(sum((a[k].double() * b[k].double()).sum() for k in a))
 
 
 def weight_matching(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], spec: PermSpec, *, max_iter: int = 100,
-                    seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
-    """Coordinate descent over the permutations (module docstring). Returns (perms, info)."""
+                    seed: int = 0, restarts: int = 1) -> tuple[dict[str, torch.Tensor], dict]:
+    """Coordinate descent over the permutations (module docstring), from ``restarts`` seeded orders
+    (seed, seed + 1, …): the run with the largest Σ⟨A, π(B)⟩ is kept. Returns (perms, info)."""
+    if restarts < 1:
+        raise WeightsmithError(f"--restarts must be at least 1, got {restarts}")
+    runs = [_descent(a, b, spec, max_iter, seed + r) for r in range(restarts)]
+    perms, info = max(runs, key=lambda x: x[1]["objective_after"])
+    info = {**info, "restarts": restarts, "objectives": [x[1]["objective_after"] for x in runs]}
+    return perms, info
+
+
+def _descent(a: dict, b: dict, spec: PermSpec, max_iter: int, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
     perms = {p: torch.arange(n) for p, n in spec.sizes.items()}
     rng = random.Random(seed)
-    names = sorted(spec.sizes)
+    coupled = {p for q, kv, _ in spec.heads.values() for p in (q, kv)}
+    steps = sorted(p for p in spec.sizes if p not in coupled) + sorted(spec.heads)
     before = objective(a, b)
     sweeps = 0
     for sweeps in range(1, max_iter + 1):
         gain = 0.0
-        order = names[:]
+        order = steps[:]
         rng.shuffle(order)
         for p in order:
+            if p in spec.heads:
+                gain += _match_heads(spec.heads[p], spec, a, b, perms)
+                continue
             s = _similarity(p, spec, a, b, perms).numpy()
             old = perms[p].numpy()
             new = linear_sum_assignment(s, maximize=True)
@@ -193,8 +239,8 @@ def weight_matching(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], spec
         if gain <= 0.0:
             break
     after = objective(a, apply_permutations(b, spec, perms))
-    moved = {p: int((perms[p] != torch.arange(len(perms[p]))).sum()) for p in names}
-    return perms, {"objective_before": before, "objective_after": after, "sweeps": sweeps, "units_moved": moved}
+    moved = {p: int((perms[p] != torch.arange(len(perms[p]))).sum()) for p in sorted(spec.sizes)}
+    return perms, {"objective_before": before, "objective_after": after, "sweeps": sweeps, "units_moved": moved, "seed": seed}
 
 
 def _load(src: CheckpointSource) -> dict[str, torch.Tensor]:
@@ -202,14 +248,14 @@ def _load(src: CheckpointSource) -> dict[str, torch.Tensor]:
 
 
 def align(a: str | Path, b: str | Path, out: str | Path, *, residual: bool = True, max_iter: int = 100, seed: int = 0,
-          overwrite: bool = False) -> dict:
+          restarts: int = 1, overwrite: bool = False) -> dict:
     """Write B permuted to match A into ``out`` (B's config and tokenizer, ``align.json``)."""
     from ..model.saving import AtomicDir, save_tensors
     from ..safety import check_output
     from ..validate import dumps
 
-    if max_iter < 1:
-        raise WeightsmithError(f"--max-iter must be at least 1, got {max_iter}")
+    if max_iter < 1 or restarts < 1:
+        raise WeightsmithError(f"--max-iter and --restarts must be at least 1, got {max_iter} and {restarts}")
     check_output(out, [a, b], overwrite=overwrite)
     with CheckpointSource(a) as sa, CheckpointSource(b) as sb:
         if sorted(sa.keys()) != sorted(sb.keys()):
@@ -227,12 +273,12 @@ def align(a: str | Path, b: str | Path, out: str | Path, *, residual: bool = Tru
         with AtomicDir(out, overwrite) as tmp:  # the lock from here on, before the long work
             wa, wb = _load(sa), _load(sb)
             perms, info = weight_matching({k: v.float() for k, v in wa.items()}, {k: v.float() for k, v in wb.items()}, spec,
-                                          max_iter=max_iter, seed=seed)
+                                          max_iter=max_iter, seed=seed, restarts=restarts)
             del wa
             save_tensors(apply_permutations(wb, spec, perms), tmp / "model.safetensors", metadata={"format": "pt"})
             for f in sb.aux_files():
                 shutil.copy2(f, tmp / f.name)
-            rep = {"command": "align", "a": str(a), "b": str(b), "residual": residual, "seed": seed, **info,
+            rep = {"command": "align", "a": str(a), "b": str(b), "residual": residual, **info,
                    "permutations": {p: v.tolist() for p, v in perms.items()}}
             (tmp / "align.json").write_text(dumps(rep) + "\n")
     rep["output"] = str(out)
