@@ -267,6 +267,25 @@ def test_align_is_exact_and_lowers_the_barrier(two_seeds, capsys):
     assert res["plot"] is None or Path(res["plot"]).is_file()
 
 
+def test_align_qwen2_biases_and_untied_head_are_exact(tmp_path):
+    a = save_pico(tmp_path / "qa", "qwen2", seed=1)  # q/k/v biases, an untied lm_head
+    b = save_pico(tmp_path / "qb", "qwen2", seed=2)
+    with torch.no_grad():  # nonzero biases, so that moving them is tested
+        from transformers import AutoModelForCausalLM
+
+        m = AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32)
+        for n, p in m.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.1)
+        m.save_pretrained(b)
+    assert "lm_head.weight" in load_file(b / "model.safetensors")
+    assert main(["align", str(a), str(b), str(tmp_path / "out"), "-q", "--restarts", "2"]) == 0
+    ids = torch.tensor([make_tokenizer().convert_tokens_to_ids(make_text(40, 5).split())])
+    assert (logits(b, ids) - logits(tmp_path / "out", ids)).abs().max() < 1e-5
+    rep = json.loads((tmp_path / "out" / "align.json").read_text())
+    assert rep["restarts"] == 2 and len(rep["objectives"]) == 2 and rep["objective_after"] == max(rep["objectives"])
+
+
 def test_align_refuses_bad_input(two_seeds, tmp_path, capsys):
     d, a, b = two_seeds
     gpt2 = save_pico(tmp_path / "gpt2", "gpt2")
