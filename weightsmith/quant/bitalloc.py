@@ -44,6 +44,8 @@ class BitAllocConfig(Strict):
         "relative", description="summed relative layer output errors; absolute tr(E H Eᵀ); or fisher: Σ_i f_i (E H Eᵀ)_ii, each output "
         "weighted by the float model's mean squared loss gradient there (an estimate of the loss increase; one extra forward+backward)")
     fisher_samples: int = Field(16, ge=1, description="objective fisher: calibration windows of the forward+backward that measures f")
+    measure_clip_search: bool = Field(False, description="run the grid's clip search in the measurements too (its cost dominates the first "
+                                      "pass: ~10x; the applied plan uses the recipe's own setting either way)")
     resolution: int = Field(4000, ge=100, le=100000, description="budget steps of the knapsack")
 
     @field_validator("bits")
@@ -84,7 +86,7 @@ def measure(W: torch.Tensor, stats, grid, cfg: BitAllocConfig, sizes: list[int],
         for gs in cfg.group_sizes:
             if gs > W.shape[1]:
                 continue
-            g = grid.model_copy(update={"bits": b, "group_size": gs})
+            g = grid.model_copy(update={"bits": b, "group_size": gs, **({} if cfg.measure_clip_search else {"clip_search": False})})
             base = rtn_quantize(W, g)
             res = base if gq is None else family_quantize(W, H, g, gq, base=base, stats=stats)
             E = res.weight - W
