@@ -97,6 +97,8 @@ def test_recipe_rules():
         with pytest.raises(WeightsmithError, match="A·S·B"):
             build_config({"method": bad})
     assert build_config({"method": "armor:pattern=4:8:block_size=16"}).needs() == {"H"}
+    with pytest.raises(WeightsmithError, match="would not keep"):
+        build_config({"method": "wanda,armor"})
 
 
 def test_pico_end_to_end_encodings_and_export_refusal(pico, tmp_path):

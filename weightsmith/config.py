@@ -227,6 +227,9 @@ def validate_recipe(steps: list) -> None:
             raise WeightsmithError(f"invalid recipe: {st.name} (a {spec.kind}) works on the result of {what}: put one before it")
         out = spec.outputs(st)
         if "factored" in out:
+            if "sparsity" in produced:
+                raise WeightsmithError(f"invalid recipe: {st.name} stores each layer as a dense product A·S·B, which would not keep "
+                                       "the zeros of the pruner before it; give it alone (its core is pruned to its own pattern)")
             factored_by = st.name
         if "grid" in out and "grid" in produced:
             raise WeightsmithError(f"invalid recipe: {st.name} puts the weights on a grid, but {grid_by} already did; keep one of them")
