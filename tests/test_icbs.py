@@ -50,7 +50,7 @@ def test_block_solver_finds_the_enumerated_optimum():
         best = torch.minimum(best, E(z))
     got = E(x)
     assert torch.all(got >= best - 1e-5)
-    assert float((got <= best + 1e-5).float().mean()) >= 0.9  # measured: 32 of 32 rows optimal
+    assert float((got <= best + 1e-5).float().mean()) >= 0.9  # measured: 32 of 32 rows optimal (greedy alone: 31)
     greedy = solve_block(Q, c, x0, free, None, 0, torch.Generator())
     assert torch.all(E(greedy) <= E(x0) + 1e-6)  # never worse than the start
     # frozen variables and groups: swaps stay inside a group, frozen ones never move

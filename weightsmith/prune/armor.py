@@ -19,11 +19,14 @@ minimising ``f = tr((W − ASB) H (W − ASB)ᵀ)``, each step exact or accepted
 - **B** (closed form per column block ``J``, blocks visited in turn since ``H`` couples them): with
   ``N = AS`` and ``F`` the ``J`` columns of ``E⁰H`` (``E⁰`` the error without block ``J``'s product),
   ``B_J = (N_JᵀN_J)⁻¹ N_Jᵀ F H_JJ⁻¹``;
-- **core mask** (``remask``): SparseGPT's N:M selection rerun on the problem the core sees — inputs
-  ``BX`` (Hessian ``K = BHBᵀ``) and target ``T = A⁻¹WHBᵀK⁻¹`` (the dense core ``A`` and ``B`` would want;
-  the row coupling through ``AᵀA`` is ignored in the selection) — kept only if, after the value fit,
-  ``f`` is lower than with the current mask (our stand-in for the paper's per-group re-solve, which
-  with a full ``H`` would couple every group);
+- **core mask** (``remask``, default on): the core's N:M mask re-solved by one iCBS sweep
+  (:mod:`weightsmith.prune.icbs`: blocks re-solved as QUBOs, started from the current mask) on the
+  problem the core sees — inputs ``BX`` (Hessian ``K = BHBᵀ``) and target ``T = A⁻¹WHBᵀK⁻¹`` (the dense
+  core ``A`` and ``B`` would want; the row coupling through ``AᵀA`` is ignored in the selection) — kept
+  only if, after the value fit, ``f`` is lower than with the current mask. This stands in for the
+  paper's per-group re-solve (one group per block at a time), which with a full ``H`` would couple
+  every group; measured on SmolLM2 q_proj / down_proj at 2:4 it lowers the error by 14 % / 4 % at
+  2–4× the time (``remask=false``: the fast variant);
 - **core values**: conjugate gradients on ``f`` over the kept entries (``cg_iters`` steps, started from
   the current values, so ``f`` only decreases).
 
@@ -45,6 +48,7 @@ from ..encodings import Factored, band_of, block_slices
 from ..errors import WeightsmithError
 from ..quant.registry import register
 from .common import PruneFields, nm
+from .icbs import icbs
 from .sparsegpt import sparsegpt
 
 
@@ -54,7 +58,7 @@ class ARMORConfig(PruneFields):
     block_size: int = Field(64, ge=1, description="width of the diagonal blocks of A and B (the last block may be shorter)")
     iters: int = Field(4, ge=0, le=200, description="rounds of A, B, core mask and core values")
     cg_iters: int = Field(20, ge=1, le=1000, description="conjugate-gradient steps of each core value fit")
-    remask: bool = Field(False, description="re-select the core's N:M mask each round (accepted only when it lowers the error)")
+    remask: bool = Field(True, description="re-solve the core's N:M mask each round by an iCBS sweep (kept only when it lowers the error)")
     damp: float = Field(0.01, gt=0.0, le=1.0, description="H + damp·mean(diag H)·I in the objective and SparseGPT's start")
 
     @field_validator("pattern")
@@ -134,7 +138,7 @@ class _Problem:
 
 
 def armor(w: torch.Tensor, h: torch.Tensor, *, pattern: str = "2:4", block_size: int = 64, iters: int = 4, cg_iters: int = 20,
-          remask: bool = False, damp: float = 0.01, keep: torch.Tensor | None = None):
+          remask: bool = True, damp: float = 0.01, keep: torch.Tensor | None = None):
     """ARMOR of one layer ``w`` (out, in) given ``h`` (module docstring). Returns ``(dense, (A band,
     B band, core), info)`` with ``dense = A · core · B``."""
     out, cols = w.shape
@@ -176,11 +180,11 @@ def armor(w: torch.Tensor, h: torch.Tensor, *, pattern: str = "2:4", block_size:
             try:
                 Ainv = [torch.linalg.inv(a) for a in A]
                 T = _left(Ainv, rs, W @ HBt) @ torch.linalg.inv(K)
-                cand = sparsegpt(T.float(), K.float(), pattern=pattern, damp=damp, keep=keep)
-                S2 = pb.fit_values(A, cand.weight.double(), B, cand.mask, cg_iters)
+                cw, cmask, _ = icbs(T.float(), K.float(), pattern=pattern, damp=damp, sweeps=1, keep=keep, init_mask=mask)
+                S2 = pb.fit_values(A, cw.double(), B, cmask, cg_iters)
                 f2 = pb.f(A, S2, B)
                 if f2 < f_cur:
-                    S, mask, f_cur = S2, cand.mask, f2
+                    S, mask, f_cur = S2, cmask, f2
                     remasks += 1
             except RuntimeError:  # a singular A or K: keep the mask
                 pass

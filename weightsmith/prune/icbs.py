@@ -203,8 +203,10 @@ def solve_block(Q: torch.Tensor, c: torch.Tensor, x: torch.Tensor, free: torch.T
 
 def icbs(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, pattern: str = "unstructured", init: str = "sparsegpt",
          block_size: int = 64, sweeps: int = 2, candidates: float = 0.5, anneal: int = 0, update: bool = True, damp: float = 0.01,
-         seed: int = 0, refit_iters: int = 30, keep: torch.Tensor | None = None, norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Prune ``w`` (rows, cols) given ``h`` by iCBS (module docstring); returns ``(weight, mask, info)``."""
+         seed: int = 0, refit_iters: int = 30, keep: torch.Tensor | None = None, norms: torch.Tensor | None = None,
+         init_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Prune ``w`` (rows, cols) given ``h`` by iCBS (module docstring); returns ``(weight, mask, info)``.
+    ``init_mask`` (a valid mask of the same sparsity or pattern) replaces ``init`` as the start."""
     W0 = w.float()
     rows, cols = W0.shape
     p = nm(pattern, cols)
@@ -214,7 +216,9 @@ def icbs(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, pattern: st
     forced = torch.zeros_like(W0, dtype=torch.bool) if keep is None else ~keep.to(W0.device, torch.bool)
     forced |= dead[None, :]
     norms = torch.diag(h).float().clamp(min=0).sqrt() if norms is None else norms.float()
-    if init == "sparsegpt":
+    if init_mask is not None:
+        mask = init_mask.to(W0.device, torch.bool) & ~forced
+    elif init == "sparsegpt":
         mask = sparsegpt(W0, h, sparsity=sparsity, pattern=pattern, damp=damp, keep=~forced).mask
     else:
         score = W0.abs() * (norms[None, :] if init == "wanda" else 1.0)
