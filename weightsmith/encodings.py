@@ -6,10 +6,15 @@ a list of typed encodings, each knowing its storage in bits, how it is saved in
 
 - :class:`Grid` — a uniform integer grid: ``w = (q − zero[:, g]) · scale[:, g]``, ``g = g_idx[c]``;
 - :class:`Sparsity` — a 0/1 mask of the kept weights (unstructured or N:M along the input);
-- :class:`LowRank` — factors ``A (out, r)``, ``B (r, in)`` added to the weight (LoRC).
+- :class:`LowRank` — factors ``A (out, r)``, ``B (r, in)`` added to the weight (LoRC);
+- :class:`Factored` — the weight *is* a product ``A · S · B``: ``S`` an N:M-sparse core, ``A`` (out, out)
+  and ``B`` (in, in) block-diagonal (ARMOR). The dense weight has no zeros; the core has.
 
 On disk (the contract the exporters and readers follow): tensors ``{layer}.scale|zero|g_idx``
-(grid), ``{layer}.mask`` (uint8, bits packed little-endian along the input), ``{layer}.lowrank_a|b``;
+(grid), ``{layer}.mask`` (uint8, bits packed little-endian along the input), ``{layer}.lowrank_a|b``,
+``{layer}.armor_a|armor_b|armor_core`` (factored: ``A``/``B`` as bands, row ``r`` holding its block's
+columns ``[k·bs, k·bs + bs)`` with ``k = r // bs``, zero-padded past a shorter last block; the core dense
+with its zeros);
 and the safetensors metadata key ``weightsmith.encodings``: JSON ``{layer: [{"kind": ..., ...}]}``.
 A new encoding (a codebook, a sign stack, a factorised form) is one more class here with a
 ``KIND``, its tensors, ``bits`` and ``meta``; exporters hold the kinds they list and refuse others.
@@ -135,7 +140,72 @@ class LowRank(Encoding):
         return lowrank_bits(shape, int(self.factors[0][0].shape[1]))
 
 
-KINDS: dict[str, type] = {c.KIND: c for c in (Grid, Sparsity, LowRank)}
+def block_slices(d: int, bs: int) -> list[slice]:
+    """The diagonal blocks of a ``d``-wide block-diagonal matrix with blocks of ``bs`` (the last one shorter)."""
+    return [slice(a, min(a + bs, d)) for a in range(0, d, bs)]
+
+
+def band_of(blocks: list[torch.Tensor], d: int, bs: int) -> torch.Tensor:
+    """Blocks of a block-diagonal matrix as its band (d, bs): row ``r`` holds its block's row."""
+    band = torch.zeros(d, bs, dtype=torch.float32)
+    for sl, blk in zip(block_slices(d, bs), blocks):
+        band[sl, : blk.shape[1]] = blk.float().cpu()
+    return band
+
+
+def dense_of_band(band: torch.Tensor) -> torch.Tensor:
+    """The (d, d) block-diagonal matrix of a band (see :func:`band_of`)."""
+    d, bs = band.shape
+    out = torch.zeros(d, d, dtype=band.dtype)
+    for sl in block_slices(d, bs):
+        n = sl.stop - sl.start
+        out[sl, sl] = band[sl, :n]
+    return out
+
+
+@dataclass
+class Factored(Encoding):
+    """The layer's weight as ``A · S · B`` (ARMOR): ``S`` (out, in) sparse with an N:M ``pattern`` along
+    the input, ``A`` and ``B`` block-diagonal with blocks of ``block_size`` (the last one shorter). The
+    dense weight is the product; its storage is the core's kept values and positions plus the blocks."""
+
+    KIND: ClassVar[str] = "factored"
+    STORES_WEIGHT: ClassVar[bool] = True  # its parts replace the dense 16-bit weights in the bit count
+    factors: list  # per stacked layer: (A band (out_l, bs), B band (in, bs), core (out_l, in))
+    block_size: int
+    pattern: str
+
+    def split(self, sizes):
+        if len(self.factors) != len(sizes):
+            raise ValueError("factored encodings are per layer")
+        return [Factored([f], self.block_size, self.pattern) for f in self.factors]
+
+    def dense(self) -> torch.Tensor:
+        (a, b, core), = self.factors
+        return dense_of_band(a.float()) @ core.float() @ dense_of_band(b.float())
+
+    def tensors(self, name):
+        (a, b, core), = self.factors
+        return {f"{name}.armor_a": a.float().cpu().contiguous(), f"{name}.armor_b": b.float().cpu().contiguous(),
+                f"{name}.armor_core": core.float().cpu().contiguous()}
+
+    def meta(self):
+        (_, _, core), = self.factors
+        return {"kind": self.KIND, "pattern": self.pattern, "block_size": self.block_size,
+                "core_density": round(float((core != 0).float().mean()), 6)}
+
+    def bits(self, shape):
+        """16-bit kept core values and the N:M positions (as :class:`Sparsity` counts them), and the
+        16-bit entries of the diagonal blocks of ``A`` and ``B``."""
+        out, cols = shape
+        n, m = map(int, self.pattern.split(":"))
+        blocks = sum((s.stop - s.start) ** 2 for s in block_slices(out, self.block_size)) + sum(
+            (s.stop - s.start) ** 2 for s in block_slices(cols, self.block_size))
+        return {"weights": 16 * out * (cols // m) * n, **Sparsity(torch.zeros(0, 0, dtype=torch.bool), self.pattern).bits(shape),
+                "factors": 16 * blocks}
+
+
+KINDS: dict[str, type] = {c.KIND: c for c in (Grid, Sparsity, LowRank, Factored)}
 
 
 def grid_bits(shape: tuple[int, int], bits: int, n_groups: int, sym: bool, permuted: bool) -> dict[str, int]:
@@ -163,7 +233,7 @@ def layer_bits(shape: tuple[int, int], encodings: list[Encoding]) -> dict:
             continue
         for k, v in e.bits(shape).items():
             parts[k] = parts.get(k, 0) + v
-    if not gridded:
+    if not gridded and not any(getattr(e, "STORES_WEIGHT", False) for e in encodings):
         kept = next((e.density() for e in encodings if isinstance(e, Sparsity)), 1.0)
         parts["weights"] = int(round(16 * shape[0] * shape[1] * (kept if "mask" in parts else 1.0)))
     n = shape[0] * shape[1]

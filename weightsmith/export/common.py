@@ -16,7 +16,10 @@ qparams file in the safetensors ``__metadata__`` key ``weightsmith.encodings`` (
   ``.lorc_a`` / ``.lorc_b``); the dense weight is then off the grid by ``A·B``;
 * ``{"kind": "sparsity", "pattern": "unstructured" | "2:4" | "N:M", "density": d}`` — ``.mask``
   uint8 (out, ceil(in/8)), ``numpy.packbits(mask, axis=1, bitorder="little")``, 1 = kept; a layer may
-  have only this one (pruned: dense float weights with exact zeros).
+  have only this one (pruned: dense float weights with exact zeros);
+* ``{"kind": "factored", "pattern": "2:4", "block_size": bs, "core_density": d}`` — ``.armor_a``
+  (out, bs), ``.armor_b`` (in, bs) f32 bands of block-diagonal ``A``, ``B``, ``.armor_core`` f32
+  (out, in) the N:M-sparse core: the dense weight is ``A·core·B`` (ARMOR), with no zeros of its own.
 
 Files without the metadata (written before encodings) are read as before: every layer with a
 ``.scale`` is a grid with the report's ``config.grid``, and ``lorc_a`` / ``lorc_b`` are a low-rank
@@ -45,6 +48,7 @@ ENCODING_TENSORS = {
     "grid": (("scale", "zero", "g_idx"),),
     "lowrank": (("lowrank_a", "lowrank_b"), ("lorc_a", "lorc_b")),
     "sparsity": (("mask",),),
+    "factored": (("armor_a", "armor_b", "armor_core"),),
 }
 
 

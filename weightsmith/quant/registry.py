@@ -226,7 +226,7 @@ def _load_builtin() -> None:
         return
     _loaded = True
     from . import awq, bitalloc, foem, gptaq, gptq, lorc, rescomp, rtn, tune_scales  # noqa: F401 - modules register on import
-    from ..prune import magnitude, owl, sparsegpt, wanda  # noqa: F401 - modules register on import
+    from ..prune import armor, icbs, magnitude, owl, sparsegpt, wanda  # noqa: F401 - modules register on import
     _load_plugins()
 
 
