@@ -357,3 +357,12 @@ def test_a_short_calibration_text_stretched_into_overlapping_windows_is_warned(t
     caplog.clear()
     build_calibration(CalibConfig(path=str(f), nsamples=2, seqlen=16), tokenizer, never_load, progress=False)
     assert "overlap" not in caplog.text
+
+
+def test_sampling_shows_no_deprecation_notice_a_user_cannot_act_on(tiny_llama, tokenizer) -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate_samples(tiny_llama, tokenizer, 2, 6, 0, progress=False)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,9 @@ def _sample_batch(
     cache = None
     bar.update(size)
     for t in range(1, seqlen):
-        out = model(input_ids=step_input, past_key_values=cache, use_cache=True)
+        with warnings.catch_warnings():  # transformers' rename notice of past_key_values: nothing a user can act on
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            out = model(input_ids=step_input, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         ids[:, t] = sample_tokens(out.logits[:, -1, :], gen)
         step_input = ids[:, t : t + 1]

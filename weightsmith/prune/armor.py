@@ -48,7 +48,7 @@ from ..encodings import Factored, band_of, block_slices
 from ..errors import WeightsmithError
 from ..quant.registry import register
 from .common import PruneFields, nm
-from .icbs import icbs
+from .icbs import _damped, icbs
 from .sparsegpt import sparsegpt
 
 
@@ -68,14 +68,6 @@ class ARMORConfig(PruneFields):
         if v == "unstructured":
             raise ValueError("armor prunes the core to an N:M pattern (e.g. 2:4); unstructured is not semi-structured")
         return v
-
-
-def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
-    H = h.double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    H.diagonal().add_(damp * float(torch.diag(H).mean()))
-    return H
 
 
 def _left(blocks, sl, M):
