@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 from conftest import calib_ids
-from test_quant_math import correlated_inputs
+from test_quant_math import correlated_layer
 
 import weightsmith
 from weightsmith.config import build_config
@@ -25,9 +25,7 @@ L0 = "model.layers.0."
 
 @pytest.fixture(scope="module")
 def layer():
-    x = correlated_inputs(n=2048, d=256)
-    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.05
-    return w, x.t() @ x / x.shape[0]
+    return correlated_layer(64, n=2048)
 
 
 def test_block_solver_finds_the_enumerated_optimum():

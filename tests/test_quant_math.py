@@ -18,6 +18,13 @@ def correlated_inputs(n=2048, d=96, seed=0):
     return x
 
 
+def correlated_layer(rows: int, d: int = 256, n: int = 2048):
+    """A (rows, d) weight (seed 1, scale 0.05) and H = XᵀX/N of :func:`correlated_inputs` (n, d)."""
+    x = correlated_inputs(n=n, d=d)
+    w = torch.randn(rows, d, generator=torch.Generator().manual_seed(1)) * 0.05
+    return w, x.t() @ x / x.shape[0]
+
+
 @pytest.fixture
 def layer():
     x = correlated_inputs()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import calib_ids
-from test_quant_math import correlated_inputs
+from test_quant_math import correlated_layer
 
 import weightsmith
 from weightsmith.config import GridConfig, build_config
@@ -24,9 +24,7 @@ L0 = "model.layers.0."
 
 @pytest.fixture(scope="module")
 def layer():
-    x = correlated_inputs(n=2048, d=256)
-    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.05
-    return w, x.t() @ x / x.shape[0]
+    return correlated_layer(64, n=2048)
 
 
 def _pruners(w, H, pattern):

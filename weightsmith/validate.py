@@ -40,12 +40,17 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def compile_regex(pattern: str, flag: str) -> re.Pattern:
+    """``pattern`` compiled, or a one-line error naming the option it came from."""
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise WeightsmithError(f"{flag} {pattern!r} is not a valid regular expression: {e}") from None
+
+
 def check_regexes(patterns: Iterable[str] | None, flag: str = "--ignore") -> None:
     for p in patterns or ():
-        try:
-            re.compile(p)
-        except (re.error, TypeError) as e:
-            raise WeightsmithError(f"{flag} {p!r} is not a valid regular expression: {e}") from None
+        compile_regex(p, flag)
 
 
 def position_limit(model: torch.nn.Module) -> tuple[int | None, bool]:

@@ -14,7 +14,7 @@ from ..config import CalibConfig
 from ..errors import WeightsmithError
 from .generate import cached_samples, generate_samples, start_token_id
 from .sources import check_vocab, read_calibration_text, tokenize_text
-from .windows import sample_windows
+from .windows import sample_windows, window_starts
 
 __all__ = [
     "Calibration",
@@ -79,10 +79,8 @@ def _from_text(cfg: CalibConfig, tokenizer: Any) -> Calibration:
     windows = sample_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
     asked = cfg.nsamples * cfg.seqlen
     if ids.numel() < asked:  # the windows cannot all be distinct text: say how little there is
-        g = torch.Generator().manual_seed(cfg.seed)
         covered = torch.zeros(ids.numel(), dtype=torch.bool)
-        for _ in range(cfg.nsamples):  # the starts sample_windows drew
-            i = int(torch.randint(0, ids.numel() - cfg.seqlen - 1, (1,), generator=g).item())
+        for i in window_starts(ids.numel(), cfg.nsamples, cfg.seqlen, cfg.seed):
             covered[i:i + cfg.seqlen] = True
         logger.warning("calibration text %s holds %d tokens, fewer than the %d×%d = %d asked: the windows overlap and cover only "
                        "%d distinct tokens (%.0f%% of what was asked); pass a longer text or fewer/shorter windows",

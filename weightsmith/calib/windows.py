@@ -20,9 +20,10 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
     n = ids.numel()
     if n < seqlen + 2:
         raise WeightsmithError(f"calibration text has {n} tokens, shorter than one window of {seqlen}")
+    return torch.stack([ids[i : i + seqlen] for i in window_starts(n, nsamples, seqlen, seed)]).to(torch.long)
+
+
+def window_starts(n: int, nsamples: int, seqlen: int, seed: int) -> list[int]:
+    """The start of each window :func:`sample_windows` cuts from ``n`` tokens, in order."""
     g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(nsamples):
-        i = int(torch.randint(0, n - seqlen - 1, (1,), generator=g).item())
-        rows.append(ids[i : i + seqlen])
-    return torch.stack(rows).to(torch.long)
+    return [int(torch.randint(0, n - seqlen - 1, (1,), generator=g).item()) for _ in range(nsamples)]

@@ -115,7 +115,10 @@ def _read(d: Path) -> tuple[dict, dict]:
 def check_tokenizer(d: Path, unverified: bool = False) -> str:
     """The ``tokenizer.ggml.pre`` name for the tokenizer in ``d``; refuses (or, ``unverified``, warns)
     when llama.cpp would split text differently from it. Cheap: run before any long work."""
-    tok, cfg = _read(d)
+    return _identify(d, *_read(d), unverified)
+
+
+def _identify(d: Path, tok: dict, cfg: dict, unverified: bool) -> str:
     model = tok.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or (tok.get("decoder") or {}).get("type") != "ByteLevel":
         why = f"a {model.get('type')} tokenizer" + (" with byte fallback" if model.get("byte_fallback") else "")
@@ -142,8 +145,8 @@ def write_tokenizer(w, d: Path, vocab_size: int, unverified: bool = False) -> st
     """tokenizer.ggml.* for the byte-level BPE tokenizer in ``d``; returns the pre-tokenizer name."""
     import gguf
 
-    pre = check_tokenizer(d, unverified)
-    tok, _ = _read(d)
+    tok, cfg = _read(d)
+    pre = _identify(d, tok, cfg, unverified)
     model = tok.get("model") or {}
     tokens: list[str] = []
     types: list[int] = []

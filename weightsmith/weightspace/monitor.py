@@ -25,12 +25,12 @@ between a positive and a negative counts ½) — and, with ``calib``, the flag r
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from ..errors import WeightsmithError
+from ..validate import compile_regex
 from .diff import DIRECTIONS, SUMMARY
 
 
@@ -101,12 +101,7 @@ def load_directions(diff_dir: str | Path, match: str | None = None) -> tuple[dic
 
     _read_header(d / DIRECTIONS)  # the whole header checked before anything is loaded
     t = load_file(str(d / DIRECTIONS))
-    pat = None
-    if match is not None:
-        try:
-            pat = re.compile(match)
-        except re.error as e:
-            raise WeightsmithError(f"--match {match!r} is not a valid regex: {e}") from None
+    pat = None if match is None else compile_regex(match, "--match")
     dirs = {}
     for r in summary.get("matrices", []):
         k = r["name"]

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsmithError
+from ..validate import compile_regex
 
 MIN_TAIL = 10
 FULL_LIMIT = 4096
@@ -160,12 +161,7 @@ def weight_stats(model: str | Path, full_limit: int = FULL_LIMIT, rank_cap: int 
 
     if full_limit < 1 or rank_cap < 1:
         raise WeightsmithError("--full-limit and --rank-cap must be positive")
-    pat = None
-    if match is not None:
-        try:
-            pat = re.compile(match)
-        except re.error as e:
-            raise WeightsmithError(f"--match {match!r} is not a valid regex: {e}") from None
+    pat = None if match is None else compile_regex(match, "--match")
     view = open_checkpoint(model)
     rows = []
     with view:
