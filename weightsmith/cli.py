@@ -462,15 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     mg = sub.add_parser("merge", parents=[common], help="merge checkpoints tensor by tensor (mergekit-style YAML), or fold one more "
                         "model into a continual merge", description="weightsmith merge CONFIG.yaml OUT: merge the models of a mergekit-style "
-                        "configuration (linear, wise_ft, slerp, task_arithmetic, ties, dare_linear, dare_ties, model_stock) into OUT, one "
-                        "tensor at a time; prints one JSON line. weightsmith merge --continual STATE_DIR [NEW_MODEL] [--base BASE] [--out OUT]: "
+                        "configuration (linear, wise_ft, slerp, task_arithmetic, ties, dare_linear, dare_ties, model_stock, atlas) into OUT, one "
+                        "tensor at a time (atlas first fits its coefficients on each model's calibration text, the base and task "
+                        "vectors in memory); prints one JSON line. weightsmith merge --continual STATE_DIR [NEW_MODEL] [--base BASE] [--out OUT]: "
                         "continual merging by orthogonal projection (OPCM) — fold NEW_MODEL into the state (created with --base on first use), "
                         "and write the current merged model to OUT.")
     mg.add_argument("paths", nargs="*", metavar="CONFIG.yaml OUT | NEW_MODEL",
                     help="the merge config and the output directory; with --continual, the model to fold in (optional)")
     mg.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (or an interrupted run's OUT.partial)")
     mg.add_argument("--resume", action="store_true", help="continue an interrupted merge after its committed shards")
-    mg.add_argument("--seed", type=int, default=0, help="seed of the random methods (DARE), per tensor and model (default 0)")
+    mg.add_argument("--seed", type=int, default=0, help="seed of the random methods (DARE: per tensor and model; atlas: its calibration windows) (default 0)")
     mg.add_argument("--continual", metavar="STATE_DIR", help="continual merging: the state directory (base reference, running update)")
     mg.add_argument("--base", help="with --continual, on first use: the base (pre-trained) model")
     mg.add_argument("--alpha", type=float, default=None,

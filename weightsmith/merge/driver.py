@@ -53,6 +53,7 @@ def merge(config, out, *, overwrite: bool = False, resume: bool = False, seed: i
     from ..engine.checkpoint import WorkDir
     from ..report import peak_rss_mb, versions
     from ..safety import check_output
+    from ..validate import dumps
 
     t0 = time.time()
     _release_freed_memory_promptly()
@@ -70,9 +71,15 @@ def merge(config, out, *, overwrite: bool = False, resume: bool = False, seed: i
         key = {"config": cfg.to_dict(), "seed": seed if plan.method.seeded else None,
                "inputs": [sources[n].fingerprint() for n in names], "shards": [[t.key for t in s] for s in shards]}
         work = WorkDir(out, overwrite, resume)
+        fit = None
         try:
             total = sum(t.nbytes for t in plan.tensors)
             work.check_space(int(total * 1.01) + 2**20)
+            if plan.method.prepare is not None:  # a whole-model pass (aTLAS' fit), OUT locked, before any tensor is written
+                from ..engine.checkpoint import digest
+
+                plan.context, fit = plan.method.prepare(cfg, plan, sources, seed, progress)
+                key["fit"] = digest(fit)
         except BaseException:
             work.release()
             raise
@@ -102,11 +109,12 @@ def merge(config, out, *, overwrite: bool = False, resume: bool = False, seed: i
                 "shards_computed": computed,
                 "resumed_from_shard": done if done else None,
                 "output_bytes": total,
+                **({"fit": fit} if fit is not None else {}),
                 "versions": versions(),
                 "wall_time_s": round(time.time() - t0, 2),
                 "peak_rss_mb": peak_rss_mb(),
             }
-            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / "report.json").write_text(dumps(report, indent=2) + "\n")
     log.info("merged %d models (%s) into %s in %.1f s (peak RSS %.0f MB)", len(names), plan.method.name, out,
              report["wall_time_s"], report["peak_rss_mb"])
     return report
@@ -129,7 +137,7 @@ def make_job(tp: TensorPlan, plan: Plan, sources: dict[str, CheckpointSource], s
     for pi in tp.inputs:
         name = plan.models[pi.model]
         inputs.append(Input(name, pi.model, pi.params, pi.is_base, _loader(sources[name], tp.key, tp.compute_dtype, name)))
-    return TensorJob(tp.key, tp.shape, inputs, tp.params, tp.compute_dtype, seed)
+    return TensorJob(tp.key, tp.shape, inputs, tp.params, tp.compute_dtype, seed, plan.context)
 
 
 def _loader(src: CheckpointSource, key: str, dtype: torch.dtype, name: str):

@@ -15,6 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,6 +64,7 @@ class Plan:
     tensors: list[TensorPlan]
     n_layers: int
     layer_prefix: str | None
+    context: Any = None  # the method's ``prepare`` result, handed to every job
 
 
 def layer_structure(keys: list[str]) -> tuple[str | None, int]:

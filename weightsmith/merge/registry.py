@@ -7,6 +7,12 @@ a merge before any work: its parameters (with their type, default and scope), wh
 base model, how many inputs it takes, whether it draws random numbers (then it gets a seeded
 generator per tensor and input, independent of the order of work, so a resumed run is identical).
 
+A method may also declare ``prepare(cfg, plan, sources, seed, progress) -> (context, report)``: a
+whole-model pass the driver runs once, after the plan is checked and before any tensor is written
+(aTLAS fits its coefficients there). ``context`` reaches every job as ``job.context``; ``report``
+goes into the merge's ``report.json`` (under ``fit``) and, with ``context``'s digest, into the
+resume key.
+
 Parameter scopes follow mergekit's: ``shared`` (one value per tensor, from the slice's or the
 top-level ``parameters``), ``input`` (per input model, the base included: linear's ``weight``) and
 ``non_base`` (per input model other than the base: task arithmetic's ``weight``, ``density``).
@@ -91,6 +97,7 @@ class TensorJob:
     params: dict[str, Any]  # the shared parameters, resolved for this tensor
     dtype: torch.dtype  # compute dtype: float32, or float64 when an input is float64
     seed: int = 0
+    context: Any = None  # what the method's ``prepare`` pass returned (None without one)
 
     @property
     def base(self) -> Input | None:
@@ -119,6 +126,7 @@ class Method:
     reference: str = ""
     description: str = ""
     check: Callable[[str, dict, list[dict]], None] | None = field(default=None)  # (tensor key, shared, per non-base input) → raise
+    prepare: Callable[..., tuple[Any, dict]] | None = field(default=None)  # whole-model pass before the tensors (module docstring)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
