@@ -1,4 +1,4 @@
-"""``weightsmith quantize|merge|export|inspect|diff|monitor|align|eval|demo|run|bench-kernel`` — thin: parse arguments → typed config → API call."""
+"""``weightsmith quantize|merge|export|inspect|diff|monitor|align|signature|eval|demo|run|bench-kernel`` — thin: parse arguments → typed config → API call."""
 from __future__ import annotations
 
 import argparse
@@ -406,6 +406,18 @@ def cmd_align(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_signature(a: argparse.Namespace) -> int:
+    from .weightspace import signature
+
+    if a.action == "extract":
+        res = signature.extract(a.robust, a.plain, a.out, rank=a.rank, density=a.density, dtype=a.dtype, overwrite=a.overwrite,
+                                progress=not a.quiet)
+    else:
+        res = signature.apply(a.model, a.signature, a.out, strength=a.strength, overwrite=a.overwrite, progress=not a.quiet)
+    print(dumps(res))
+    return 0
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     from .eval import evaluate
 
@@ -554,6 +566,36 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the descent from this many seeds (seed, seed+1, ...) and keep the best match (default 1)")
     al.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     al.set_defaults(fn=cmd_align)
+
+    sg = sub.add_parser("signature", parents=[common], help="robust weight signatures: extract a hardened fine-tune's difference "
+                        "compactly, patch it onto another model",
+                        description="Robust weight signatures (Cai et al. 2023). `signature extract ROBUST PLAIN OUT`: the difference "
+                                    "ROBUST - PLAIN per tensor, compressed (--rank: truncated SVD of each matrix, other tensors dense; "
+                                    "--density: the largest-magnitude entries of every tensor), written to OUT with signature.json (its "
+                                    "size in bytes and fraction of the model). `signature apply MODEL SIG OUT --strength S`: MODEL + S * "
+                                    "signature, for a model of the same base (names and shapes checked). Both print one JSON line.")
+    sgs = sg.add_subparsers(dest="action", required=True)
+    sx = sgs.add_parser("extract", parents=[common], help="write the compressed difference ROBUST - PLAIN",
+                        description="Write OUT: the difference ROBUST - PLAIN of every floating tensor, compressed, streamed tensor by tensor.")
+    sx.add_argument("robust", help="the hardened (robust or domain) fine-tune")
+    sx.add_argument("plain", help="its plain counterpart (same base, same architecture)")
+    sx.add_argument("out", help="the signature directory to write")
+    how = sx.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, help="low-rank: keep the top R singular triplets of each matrix (1-D tensors stored dense)")
+    how.add_argument("--density", type=float, help="sparse: keep this fraction (0, 1] of the largest-magnitude entries of each tensor")
+    sx.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                    help="dtype of the stored factors / values (default float32)")
+    sx.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    sx.set_defaults(fn=cmd_signature)
+    sp = sgs.add_parser("apply", parents=[common], help="patch a signature onto a model: MODEL + S * signature",
+                        description="Write OUT = MODEL + S * signature (float32 arithmetic, MODEL's dtypes kept); every patched tensor "
+                                    "must exist in MODEL with the signature's shape.")
+    sp.add_argument("model", help="the model to patch (a fine-tune of the signature's base)")
+    sp.add_argument("signature", help="a directory written by `weightsmith signature extract`")
+    sp.add_argument("out", help="output directory (a Hugging Face model directory)")
+    sp.add_argument("--strength", type=float, default=1.0, help="scale of the patch (default 1; 0 copies MODEL)")
+    sp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    sp.set_defaults(fn=cmd_signature)
 
     e = sub.add_parser("eval", parents=[common], help="perplexity (and KL / top-1 vs a reference) on a text file",
                        description="Perplexity of MODEL on TEXT (consecutive windows, the mean of the per-window mean token "
