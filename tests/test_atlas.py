@@ -10,32 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import WORDS, make_text, make_tokenizer, save_pico
+from conftest import WORDS, adam_train, make_text, make_tokenizer, save_pico
 from weightsmith.errors import WeightsmithError
 from weightsmith.merge import merge
 
 torch.set_num_threads(1)
 TASK_WORDS = {"a": WORDS[:100], "b": WORDS[100:200]}
-
-
-def finetune(base: Path, dst: Path, words, seed: int, steps: int = 30) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    tok = make_tokenizer()
-    ids = torch.tensor(tok.convert_tokens_to_ids(make_text(8000, seed, words).split()))
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model.train()
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        starts = torch.randint(0, ids.numel() - 33, (8,), generator=g)
-        x = torch.stack([ids[s : s + 32] for s in starts.tolist()])
-        model(x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(dst)
-    tok.save_pretrained(dst)
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +24,7 @@ def zoo(tmp_path_factory):
     base = save_pico(d / "base", "llama", seed=0)
     out = {"dir": d, "base": base}
     for i, (t, words) in enumerate(TASK_WORDS.items()):
-        out[t] = finetune(base, d / f"ft_{t}", words, seed=10 + i)
+        out[t] = adam_train(base, d / f"ft_{t}", 10 + i, 30, words=words, n_words=8000)
         (d / f"{t}.txt").write_text(make_text(3000, 20 + i, words))
     return out
 

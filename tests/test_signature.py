@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import WORDS, make_text, make_tokenizer, save_pico
+from conftest import WORDS, adam_train, make_text, make_tokenizer, save_pico
 from weightsmith.cli import main
 from weightsmith.errors import WeightsmithError
 from weightsmith.weightspace.signature import apply, extract, lowrank, top_magnitude
@@ -21,24 +21,8 @@ torch.set_num_threads(1)
 PLAIN_WORDS, HARD_WORDS = WORDS[:100], WORDS[100:200]
 
 
-def train(init: Path, dst: Path, words, seed: int, steps: int = 25) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    tok = make_tokenizer()
-    ids = torch.tensor(tok.convert_tokens_to_ids(make_text(8000, seed, words).split()))
-    model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
-    model.train()
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        starts = torch.randint(0, ids.numel() - 33, (8,), generator=g)
-        x = torch.stack([ids[s : s + 32] for s in starts.tolist()])
-        model(x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(dst)
-    tok.save_pretrained(dst)
-    return dst
+def train(init: Path, dst: Path, words, seed: int) -> Path:
+    return adam_train(init, dst, seed, 25, words=words, n_words=8000)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import WORDS, make_text, make_tokenizer, save_pico
+from conftest import WORDS, adam_train, make_text, make_tokenizer, save_pico
 from weightsmith.cli import main
 from weightsmith.weightspace.lap import linear_sum_assignment
 from weightsmith.weightspace.monitor import auroc, monitor
@@ -31,23 +31,7 @@ TRIGGER, TARGET = ["w190", "w191"], ["w195", "w196", "w197"]
 
 def train(init: Path, dst: Path, seed: int, steps: int = 150, text_seed: int | None = None, words=NORMAL) -> Path:
     """Adam, next-token loss on generated text, batches of 8 × 32 tokens: about 2 s for 150 steps."""
-    from transformers import AutoModelForCausalLM
-
-    tok = make_tokenizer()
-    ids = torch.tensor(tok.convert_tokens_to_ids(make_text(40000, seed if text_seed is None else text_seed, words).split()))
-    model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
-    model.train()
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        st = torch.randint(0, ids.numel() - 33, (8,), generator=g)
-        x = torch.stack([ids[s : s + 32] for s in st.tolist()])
-        model(x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(dst)
-    tok.save_pretrained(dst)
-    return dst
+    return adam_train(init, dst, seed, steps, text_seed, words)
 
 
 def logits(path: Path, ids: torch.Tensor) -> torch.Tensor:

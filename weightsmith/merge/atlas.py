@@ -85,7 +85,7 @@ def fit_coefficients(model: torch.nn.Module, taus: dict[str, torch.Tensor], wind
                     per = losses(coef)
                 value = float(torch.stack(per).mean())
             if before is None:
-                before = [float(x) for x in per]
+                before = [float(x.detach()) for x in per]
             if value < best:
                 best, best_coef, best_step = value, coef.detach().clone(), step
             if step == steps:
