@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     al.set_defaults(fn=cmd_align)
 
-    sg = sub.add_parser("signature", parents=[common], help="robust weight signatures: extract a hardened fine-tune's difference "
+    sg = sub.add_parser("signature", help="robust weight signatures: extract a hardened fine-tune's difference "
                         "compactly, patch it onto another model",
                         description="Robust weight signatures (Cai et al. 2023). `signature extract ROBUST PLAIN OUT`: the difference "
                                     "ROBUST - PLAIN per tensor, compressed (--rank: truncated SVD of each matrix, other tensors dense; "
