@@ -13,7 +13,7 @@ from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausa
 
 from weightsmith.errors import WeightsmithError
 from conftest import make_tokenizer as _tokenizer, pico_config
-from weightsmith.eval import evaluate, load_for_eval, loading, model_kind
+from weightsmith.eval import evaluate, evaluate_many, load_for_eval, loading, model_kind
 
 WORDS = [f"w{i}" for i in range(40)] + [".", ","]
 SEQLEN = 16
@@ -120,6 +120,22 @@ def test_reference_perturbed(models_dir: Path, text: str) -> None:
     assert out["top1"] < 1.0
     assert out["reference_perplexity"] == pytest.approx(alone["perplexity"], rel=1e-5)
     assert out["perplexity"] != alone["perplexity"]
+
+
+def test_evaluate_many_equals_one_by_one(models_dir: Path, text: str) -> None:
+    """Several models in one pass (the reference run once per batch) give each one's own numbers."""
+    paths = [models_dir / "llama_perturbed", models_dir / "llama"]
+    many = evaluate_many(paths, text=text, seqlen=SEQLEN, windows=4, reference=models_dir / "llama", batch_size=3, progress=False)
+    assert [r["model"] for r in many] == [str(p) for p in paths]
+    for path, joint in zip(paths, many):
+        alone = evaluate(path, text=text, seqlen=SEQLEN, windows=4, reference=models_dir / "llama", progress=False)
+        for key in ("perplexity", "reference_perplexity", "kl", "top1"):
+            assert joint[key] == pytest.approx(alone[key], rel=1e-5, abs=1e-9), key
+    assert many[0]["kl"] > 1e-4 and many[1]["kl"] < 1e-6
+    with pytest.raises(WeightsmithError, match="tokenizer mismatch"):
+        evaluate_many([models_dir / "llama", models_dir / "llama_bigger_vocab"], text=text, seqlen=SEQLEN, windows=2, progress=False)
+    with pytest.raises(WeightsmithError, match="kinds differ"):
+        evaluate_many([models_dir / "llama", models_dir / "bert"], text=text, seqlen=SEQLEN, windows=2, progress=False)
 
 
 def test_text_path(models_dir: Path, text: str, tmp_path: Path) -> None:

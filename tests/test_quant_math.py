@@ -131,3 +131,18 @@ def test_coarse_to_fine_clip_search_matches_exhaustive(monkeypatch):
     monkeypatch.setattr(G, "CLIP_STRIDE", 1)
     full = err(find_params(w, grid))
     assert full <= fast <= full * 1.001
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (3, False)])
+def test_clip_search_by_slabs_is_bit_identical(monkeypatch, bits, sym):
+    """The clip search runs over slabs of rows (cache-sized); the result is the whole tensor's, bit for bit."""
+    from weightsmith.quant import grid as G
+
+    w = torch.randn(300, 512, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.1, 3, 512)
+    cfg = GridConfig(bits=bits, group_size=64, sym=sym, clip_search=True)
+    monkeypatch.setattr(G, "CLIP_CHUNK", 10**12)
+    whole = grouped_params(w, cfg)
+    monkeypatch.setattr(G, "CLIP_CHUNK", 64 * 37)  # 37 rows of groups per slab: slabs of unequal size
+    slabs = grouped_params(w, cfg)
+    for a, b in zip(whole, slabs):
+        assert torch.equal(a, b)

@@ -47,10 +47,13 @@ def float_smollm2(dest: Path) -> Path:
 
 
 EVAL_WINDOWS = 16
+EVAL_ROWS = EVAL_WINDOWS + 2  # decoding and re-tokenizing loses a few tokens: a little more text than the windows need
 
 
 def _sampled(float_dir: Path, n: int, seqlen: int, seed: int, progress: bool) -> tuple[torch.Tensor, object]:
-    """``n`` rows of ``seqlen`` tokens sampled from the model, cached by (model, n, seqlen, seed); and the tokenizer."""
+    """``n`` rows of ``seqlen`` tokens sampled from the model in one batch (one forward per token for all
+    of them: each step reads every weight once, which is what a CPU waits on), cached by (model, n,
+    seqlen, seed); and the tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .calib import cached_samples, generate_samples
@@ -61,45 +64,44 @@ def _sampled(float_dir: Path, n: int, seqlen: int, seed: int, progress: bool) ->
 
     def sample():
         model = from_pretrained(AutoModelForCausalLM, float_dir, dtype=torch.float32).eval()
-        return generate_samples(model, tok, n, seqlen, seed=seed, progress=progress)
+        return generate_samples(model, tok, n, seqlen, seed=seed, batch_size=n, progress=progress)
 
-    return cached_samples(CheckpointSource(float_dir).fingerprint(), sample, n, seqlen, seed), tok
-
-
-def _calib_ids(float_dir: Path, n: int, seqlen: int, progress: bool) -> torch.Tensor:
-    """``n`` calibration windows sampled from the model (seed 0), once for the whole demo (and cached)."""
-    return _sampled(float_dir, n, seqlen, 0, progress)[0]
+    return cached_samples(CheckpointSource(float_dir).fingerprint(), sample, n, seqlen, seed, batch_size=n), tok
 
 
-def _eval_text(float_dir: Path, path: Path, n: int, seqlen: int, progress: bool) -> Path:
-    """Held-out evaluation text: ``n`` rows sampled from the float model with a seed the calibration never
-    uses, decoded; ``n`` exceeds the windows evaluated, as decoding and re-tokenizing loses a few tokens."""
-    if path.is_file():
-        return path
-    ids, tok = _sampled(float_dir, n, seqlen, 1234, progress)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text("\n\n".join(tok.decode(row, skip_special_tokens=True) for row in ids), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+def _calib_and_eval_text(float_dir: Path, work: Path, nsamples: int, seqlen: int, progress: bool) -> tuple[torch.Tensor, Path]:
+    """Calibration windows and held-out evaluation text, sampled once together (seed 0): the first
+    ``nsamples`` rows calibrate, the other ``EVAL_ROWS`` rows, which no method ever sees, are decoded
+    into the evaluation text."""
+    ids, tok = _sampled(float_dir, nsamples + EVAL_ROWS, seqlen, 0, progress)
+    path = work / f"eval_text_{nsamples}+{EVAL_ROWS}x{seqlen}.txt"
+    if not path.is_file():
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        tmp.write_text("\n\n".join(tok.decode(row, skip_special_tokens=True) for row in ids[nsamples:]), encoding="utf-8")
+        os.replace(tmp, path)
+    return ids[:nsamples].contiguous(), path
 
 
 def run_demo(workdir: str | Path | None = None, nsamples: int = 32, seqlen: int = 256, progress: bool = True) -> dict:
     from .api import quantize
     from .config import DEFAULT_RECIPE, build_config
-    from .eval import evaluate
+    from .eval import evaluate_many
 
     work = Path(workdir) if workdir else Path.home() / ".cache" / "weightsmith" / "demo"
     work.mkdir(parents=True, exist_ok=True)
     float_dir = float_smollm2(work / "smollm2-135m-f32")
-    text = _eval_text(float_dir, work / f"eval_text_{EVAL_WINDOWS + 2}x{seqlen}.txt", EVAL_WINDOWS + 2, seqlen, progress)
-    calib = _calib_ids(float_dir, nsamples, seqlen, progress)  # sampled once, for every method that needs data
-    rows = {}
+    calib, text = _calib_and_eval_text(float_dir, work, nsamples, seqlen, progress)  # sampled once, for every method that needs data
+    runs = {}
     for name, method in (("RTN", "rtn"), ("GPTQ", "gptq"), (f"default ({DEFAULT_RECIPE})", None)):
         cfg = build_config(method=method, grid={"bits": 4, "group_size": 64, "sym": True}, calib={"nsamples": nsamples, "seqlen": seqlen, "seed": 0})
         out = work / f"smollm2-135m-w4g64-{cfg.recipe}"
         log.info("quantizing with %s (W4 g64 sym)%s", cfg.recipe, "" if cfg.needs() else ", no calibration needed")
-        rep = quantize(float_dir, cfg, calib if cfg.needs() else None, out=out, overwrite=True, progress=progress)
-        ev = evaluate(out, text_path=text, seqlen=seqlen, windows=EVAL_WINDOWS, reference=float_dir, progress=progress)
+        runs[name] = (out, quantize(float_dir, cfg, calib if cfg.needs() else None, out=out, overwrite=True, progress=progress))
+    # the three against the float model in one pass over the windows: the float model runs once per window, not three times
+    evals = evaluate_many([out for out, _rep in runs.values()], text_path=text, seqlen=seqlen, windows=EVAL_WINDOWS,
+                          reference=float_dir, progress=progress)
+    rows = {}
+    for (name, (out, rep)), ev in zip(runs.items(), evals):
         s = rep["summary"]
         rows[name] = {"perplexity": ev["perplexity"], "kl": ev["kl"], "top1": ev["top1"], "float_perplexity": ev["reference_perplexity"],
                       "quantize_s": rep["wall_time_s"], "peak_rss_mb": rep["peak_rss_mb"], "mean_layer_error": s.get("mean_error"),

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from .loading import load_for_eval, model_kind
 from .metrics import CausalStats, EncoderStats
-from .runner import cut_windows, evaluate
+from .runner import cut_windows, evaluate, evaluate_many
 
-__all__ = ["CausalStats", "EncoderStats", "cut_windows", "evaluate", "load_for_eval", "model_kind"]
+__all__ = ["CausalStats", "EncoderStats", "cut_windows", "evaluate", "evaluate_many", "load_for_eval", "model_kind"]
