@@ -154,7 +154,8 @@ def _quantize(model, cfg: QuantizeConfig, calibration, out: Path, overwrite: boo
         ckpt = Checkpointer(tmp, key, len(lm.blocks), rank=0 if dist is None else dist.rank,
                             world=1 if dist is None else dist.world, resume=resume,
                             barrier=dist.barrier if dist is not None else None)
-        res = stream_quantize(lm, cfg, ids, tmp, progress=progress, save_dtype=sdt, ckpt=ckpt, dist=dist, rules=rules)
+        grads = _gradients(lm, cfg, ids, tmp, progress, source) if needs & {"block_fisher", "weight_fisher"} else None
+        res = stream_quantize(lm, cfg, ids, tmp, progress=progress, save_dtype=sdt, ckpt=ckpt, dist=dist, rules=rules, grads=grads)
         if not rank0:
             return {"rank": dist.rank, "blocks_computed": res.computed}
         for f in source.aux_files():
@@ -187,6 +188,34 @@ def _quantize(model, cfg: QuantizeConfig, calibration, out: Path, overwrite: boo
 
 
 PLAN_FILE = "plan.json"
+
+
+def _gradients(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor, tmp: Path, progress: bool, source=None) -> dict:
+    """The gradient needs (``block_fisher``, ``weight_fisher``): the whole-model gradient passes
+    (``engine/fisher.py``) for the step that asks, with what its config's ``gradient_request()`` gives
+    (block size, windows, memory per pass, a domain calibration source)."""
+    from .engine.fisher import block_fisher, weight_fisher
+
+    names = [l.name for i in range(len(lm.blocks)) for l in lm.layers(i, cfg.ignore)]
+    out: dict = {}
+    for need in ("block_fisher", "weight_fisher"):
+        reqs = [s.gradient_request() for s in cfg.steps if need in registry.get(s.name).needs(s)]
+        if not reqs:
+            continue
+        if len(reqs) > 1:
+            raise WeightsmithError(f"two steps of the recipe need the {need.replace('_', ' ')}; give one of them")
+        req = reqs[0]
+        n = int(req.get("samples") or ids.shape[0])
+        if need == "block_fisher":
+            out[need] = block_fisher(lm, ids[:n], names, req["block"], memory_mb=req["memory_mb"], directory=tmp / "fisher", progress=progress)
+            continue
+        if not req.get("domain_calib"):
+            raise WeightsmithError("dpruner needs a domain calibration text: give domain_calib=PATH (--domain-calib PATH)")
+        dcfg = cfg.model_copy(update={"calib": cfg.calib.model_copy(update={"path": str(req["domain_calib"])})})
+        dom, _ = _calibration(dcfg, source, lm, None, progress)
+        out["grad_general"], out["fisher_general"] = weight_fisher(lm, ids[:n], names, progress=progress, desc="general gradients")
+        out["grad_domain"], out["fisher_domain"] = weight_fisher(lm, dom[:n], names, progress=progress, desc="domain gradients")
+    return out
 
 
 def _plan(lm: LazyModel, cfg: QuantizeConfig, planner, ids: torch.Tensor, tmp: Path, key: dict, resume: bool, progress: bool):

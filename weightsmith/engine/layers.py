@@ -10,6 +10,7 @@ edit them).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -91,8 +92,9 @@ class GroupQuantizer:
     """Runs the layer steps on one group of layers sharing its statistics; records encodings and metrics."""
 
     def __init__(self, cfg: QuantizeConfig, block_index: int, prefix: str, layers: dict, folds: FoldSession | None = None,
-                 extra_rules: list | None = None):
+                 extra_rules: list | None = None, grads=None):
         self.cfg, self.block_index, self.prefix, self.layers = cfg, block_index, prefix, layers
+        self.grads = grads  # {key: store with get(layer)}: the whole-model gradient passes' statistics (engine/fisher.py)
         self.folds = folds
         self.extra_rules = extra_rules
         self.records: dict[str, LayerRecord] = {}
@@ -109,6 +111,11 @@ class GroupQuantizer:
         if gs > ws[0].shape[1] and any("grid" in registry.get(s.name).outputs(s) for s in settings.steps):
             raise WeightsmithError(f"group size {gs} is larger than the input width {ws[0].shape[1]} of {self.prefix}{g.leader}")
         prod = self.folds.producers.get(g.leader) if self.folds is not None else None
+        if self.grads and stats is not None:
+            got = {key: [store.get(self.prefix + r) for r in g.names] for key, store in self.grads.items()}
+            got = {key: fs for key, fs in got.items() if all(f is not None for f in fs)}
+            if got:
+                stats = dataclasses.replace(stats, grads=got)
         res = run_group(ws, stats, settings, where=self.prefix + g.leader,
                         foldable=prod is not None and prod.rel is not None, why_not=prod.reason if prod is not None else "")
         state = res.state

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 QPARAMS_DIR = "qparams"
 PROBE_TOKENS = 8
-CALIBRATED = {"H", "input_norms", "dXX", "float_block", "float_targets", "grad", "out_fisher"}
+CALIBRATED = {"H", "input_norms", "dXX", "float_block", "float_targets", "grad", "out_fisher", "block_fisher", "weight_fisher"}
 FLOAT_PATH = {"dXX", "float_targets"}
 
 
@@ -183,8 +183,9 @@ class Structure:
 class BlockPass:
     """One block through the recipe: layer pass, block steps, outputs (see the module docstring)."""
 
-    def __init__(self, lm: LazyModel, cfg: QuantizeConfig, needs: frozenset, rules: list[Rule], dist: "DistContext | None"):
+    def __init__(self, lm: LazyModel, cfg: QuantizeConfig, needs: frozenset, rules: list[Rule], dist: "DistContext | None", grads=None):
         self.lm, self.cfg, self.needs, self.rules, self.dist = lm, cfg, needs, rules, dist
+        self.grads = grads
         self.structure = Structure()
         self.block_steps = [s for s in cfg.steps if registry.get(s.name).kind == "block"]
 
@@ -220,7 +221,7 @@ class BlockPass:
             if inputs.fchunks is not None else None
         block_inputs = inputs.chunks
         with FoldSession(block, active, self.structure.producers, record=cfg.sequential and not cfg.low_memory) as folds:
-            gq = GroupQuantizer(cfg, i, prefix, layers, folds, self.rules)
+            gq = GroupQuantizer(cfg, i, prefix, layers, folds, self.rules, grads=self.grads)
             for g in skipped:
                 gq.skip(g)
             if inputs.calibrated:
@@ -262,7 +263,7 @@ class BlockPass:
 
 def stream_quantize(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor | None, out: Path, progress: bool = True, *,
                     save_dtype: torch.dtype | None = None, ckpt: "Checkpointer | None" = None,
-                    dist: "DistContext | None" = None, rules: list[Rule] | None = None) -> StreamResult:
+                    dist: "DistContext | None" = None, rules: list[Rule] | None = None, grads=None) -> StreamResult:
     """Run the recipe ``cfg`` on every block of ``lm`` with calibration token ids ``ids`` (n, seqlen;
     None for a recipe that needs no calibration); write into ``out``.
 
@@ -270,7 +271,8 @@ def stream_quantize(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor | None
     ``ckpt`` commits every finished block and, on resume, restores the last committed one
     (``checkpoint.py``); ``dist`` is this rank's share of a data-parallel run (``distributed.py``):
     ``ids`` is then this rank's share, and only rank 0 writes. ``rules`` are per-layer rules added
-    to the config's (a planner's plan).
+    to the config's (a planner's plan). ``grads`` ({key: a store with ``get(layer)``, e.g. ``engine/fisher.BlockFisher``}) fills the
+    groups' ``stats.grads`` for a step that needs gradients (``block_fisher``, ``weight_fisher``).
     """
     needs = cfg.needs()
     if ids is None and needs & CALIBRATED:
@@ -291,7 +293,7 @@ def stream_quantize(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor | None
         if writes:
             for k in range(start):
                 writer.adopt(k)
-    bp = BlockPass(lm, cfg, needs, list(rules or []), dist)
+    bp = BlockPass(lm, cfg, needs, list(rules or []), dist, grads)
     bar = tqdm(range(start, n_blocks), desc="blocks", unit="block", disable=not progress, dynamic_ncols=True, initial=start, total=n_blocks)
     for i in bar:
         gq = bp.run(i, inputs, res)

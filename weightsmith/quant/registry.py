@@ -52,6 +52,8 @@ NEEDS = {
     "float_targets": "the float model's block outputs on its own float-path inputs (block steps)",
     "grad": "autograd on the block's forward (block steps)",
     "out_fisher": "per output channel of every layer, the mean squared gradient of the float model's loss (one forward and backward)",
+    "block_fisher": "per layer, the block-diagonal empirical Fisher of per-window loss gradients (whole-model forward+backward passes, engine/fisher.py)",
+    "weight_fisher": "per weight, the mean loss gradient and diagonal Fisher on the general and on a domain calibration set (two whole-model forward+backward passes)",
 }
 PLUGIN_GROUP = "weightsmith.steps"
 
@@ -70,7 +72,9 @@ class LayerStats:
       runs over the rows that carry the float path. None unless a step needs ``dXX``;
     - ``norms``: ``‖X_j‖₂ / sqrt(N)`` per input channel (= ``sqrt(diag H)``), always filled;
     - ``out_fisher``: per output row of the stacked group, the mean squared gradient of the float
-      model's loss at that output (``engine/fisher.py``); None unless a planner needs ``out_fisher``.
+      model's loss at that output (``engine/fisher.py``); None unless a planner needs ``out_fisher``;
+    - ``grads``: gradient statistics of the whole-model pass, per layer of the group (``block_fisher``:
+      one (nblocks, B, B) tensor per layer); None unless a step needs them.
     """
 
     H: Optional[torch.Tensor]
@@ -78,6 +82,7 @@ class LayerStats:
     dXX: Optional[torch.Tensor] = None
     norms: Optional[torch.Tensor] = None
     out_fisher: Optional[torch.Tensor] = None  # (rows of the stacked group,) float32: engine/fisher.py; planners only
+    grads: Optional[dict] = None  # {"block_fisher" | "grad_general" | ...: [per layer of the group]}: engine/fisher.py
 
 
 @dataclass
@@ -226,7 +231,7 @@ def _load_builtin() -> None:
         return
     _loaded = True
     from . import awq, bitalloc, foem, gptaq, gptq, lorc, rescomp, rtn, tune_scales  # noqa: F401 - modules register on import
-    from ..prune import armor, icbs, magnitude, owl, sparsegpt, wanda  # noqa: F401 - modules register on import
+    from ..prune import armor, dpruner, icbs, magnitude, obert, owl, sparsegpt, wanda  # noqa: F401 - modules register on import
     _load_plugins()
 
 

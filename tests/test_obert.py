@@ -1,0 +1,181 @@
+"""oBERT (weightsmith/prune/obert.py): the Woodbury inverse against a direct inverse, the multi-weight OBS
+update against a direct solve, exact density and N:M patterns, the loss increase below magnitude's at equal
+sparsity on a real (pico) model with the block Fisher of the whole-model gradient pass, gradual vs one-shot,
+and the recipe through the engine and the CLI."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import calib_ids
+
+import weightsmith
+from weightsmith.config import build_config
+from weightsmith.engine.fisher import block_fisher, flat_blocks, window_grads
+from weightsmith.errors import WeightsmithError
+from weightsmith.model.adapter import LazyModel, get_weight
+from weightsmith.model.source import CheckpointSource
+from weightsmith.prune.obert import block_inverse, cubic_schedule, obert, obert_gradual, woodbury_inverse
+
+L0 = "model.layers.0."
+
+
+def _grads(n_blocks=6, m=24, B=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_blocks, m, B, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, B, dtype=torch.float64)
+
+
+def test_woodbury_equals_direct_inverse():
+    G = _grads()
+    F = torch.einsum("nmk,nml->nkl", G, G) / G.shape[1]
+    direct, lam = block_inverse(F, 1e-3)
+    assert lam == 1e-3
+    wb = woodbury_inverse(G, 1e-3)
+    assert torch.allclose(wb, direct, rtol=1e-8, atol=1e-8 * float(direct.abs().max()))
+    # rank-deficient blocks (m < B) are still inverted thanks to the damping
+    G2 = _grads(m=3)
+    F2 = torch.einsum("nmk,nml->nkl", G2, G2) / 3
+    assert torch.allclose(woodbury_inverse(G2, 1e-2), block_inverse(F2, 1e-2)[0], rtol=1e-6, atol=1e-6)
+    # a singular block at negligible damping: the damping escalates
+    bad = torch.zeros(2, 4, 4, dtype=torch.float64)
+    bad[:, 0, 0] = -1.0
+    _, lam = block_inverse(bad, 1e-7)
+    assert lam > 1.0
+
+
+def test_obs_update_is_the_constrained_optimum():
+    """Within a block the update minimises ½ δᵀFδ subject to w+δ = 0 on the pruned set."""
+    G = _grads(n_blocks=4, m=40, B=8)
+    F = torch.einsum("nmk,nml->nkl", G, G) / 40
+    w = torch.randn(4, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)  # 4 rows of 8 = 4 blocks
+    W, mask, info = obert(w.float(), F.float(), sparsity=0.5, damp=1e-4)
+    assert int((~mask).sum()) == 16 and torch.all(W[~mask] == 0)
+    Fd = F + 1e-4 * torch.eye(8, dtype=torch.float64)
+    total = 0.0
+    for b in range(4):
+        P, K = (~mask[b]).nonzero()[:, 0], mask[b].nonzero()[:, 0]
+        # the optimum over δ_K: F_KK δ_K = F_KP w_P (δ_P = −w_P)
+        dK = torch.linalg.solve(Fd[b][K][:, K], Fd[b][K][:, P] @ w[b, P])
+        assert torch.allclose(W[b, K].double(), w[b, K] + dK, atol=1e-4)
+        d = W[b].double() - w[b]
+        total += float(0.5 * d @ Fd[b] @ d)
+    assert info["obert_loss_increase"] == pytest.approx(total, rel=1e-3)
+
+
+def test_density_nm_and_refusals():
+    torch.manual_seed(0)
+    w = torch.randn(12, 40)
+    F = torch.einsum("nmk,nml->nkl", *(2 * [flat_blocks(torch.randn(16, 12, 40), 16).transpose(0, 1)])) / 16
+    W, m, _ = obert(w, F, sparsity=0.3)
+    assert int((~m).sum()) == round(480 * 0.3) and torch.equal(W == 0, ~m)  # 480 = 30 blocks of 16, no padding
+    W, m, _ = obert(w, F, pattern="2:4")
+    assert torch.all((W != 0).reshape(12, -1, 4).sum(-1) == 2)
+    F20 = torch.einsum("nmk,nml->nkl", *(2 * [flat_blocks(torch.randn(16, 12, 40), 20).transpose(0, 1)])) / 16
+    with pytest.raises(WeightsmithError, match="not a multiple of 8"):
+        obert(w, F20, pattern="4:8")
+    # a block size that does not divide the weights: the last block is padded, the density still exact
+    F50 = torch.einsum("nmk,nml->nkl", *(2 * [flat_blocks(torch.randn(16, 12, 40), 50).transpose(0, 1)])) / 16
+    W, m, _ = obert(w, F50, sparsity=0.5)
+    assert int((~m).sum()) == 240 and torch.isfinite(W).all()
+    assert cubic_schedule(0.5, 3)[-1] == pytest.approx(0.5) and cubic_schedule(0.5, 3)[0] > 0.5 / 3
+
+
+def _loss(model, ids):
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.fixture(scope="module")
+def pico_lm(tmp_path_factory):
+    """The pico Llama trained for 80 Adam steps on the random-walk text, so that its loss has structure."""
+    from conftest import save_pico
+    from transformers import AutoModelForCausalLM
+
+    path = save_pico(tmp_path_factory.mktemp("obert") / "pico", "llama")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = calib_ids(64, 32, seed=5)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for step in range(80):
+        b = ids[torch.randint(0, 64, (8,))]
+        loss = model(input_ids=b, labels=b).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+    return path
+
+
+def test_loss_below_magnitude_gradual_and_window_grads(pico_lm, tmp_path):
+    """On the (briefly trained) pico Llama: oBERT at 60 % (B = 32, the Fisher from 32 windows) raises the
+    calibration loss less than magnitude pruning at the same sparsity, and gradual (3 cubic rounds, the
+    Fisher re-estimated each round) less than one-shot. Measured: dense 2.720, magnitude 2.786 (+0.065),
+    oBERT one-shot 2.771 (+0.051), gradual 2.745 (+0.025)."""
+    from weightsmith.safety import from_pretrained
+    from transformers import AutoModelForCausalLM
+
+    ids = calib_ids(32, 32)
+    # the per-window gradient from (x, dy) equals autograd's parameter gradient
+    x, dy = torch.randn(3, 5, 7), torch.randn(3, 5, 4)
+    lin = torch.nn.Linear(7, 4, bias=False)
+    (lin(x) * dy).sum().backward()
+    assert torch.allclose(window_grads(x, dy).sum(0), lin.weight.grad, atol=1e-5)
+
+    rep = weightsmith.quantize(pico_lm, {"method": "obert:sparsity=0.6:fisher_block=32"}, ids, out=tmp_path / "o", progress=False)
+    mag = weightsmith.quantize(pico_lm, {"method": "magnitude:sparsity=0.6"}, None, out=tmp_path / "m", progress=False)
+    row = next(r for r in rep["layers"] if r["name"] == L0 + "mlp.up_proj")
+    assert row["density"] == pytest.approx(0.4, abs=1e-3) and row["measured_density"] == pytest.approx(0.4, abs=1e-3)
+    dense = from_pretrained(AutoModelForCausalLM, pico_lm).eval()
+    lo = _loss(from_pretrained(AutoModelForCausalLM, tmp_path / "o").eval(), ids)
+    lm_ = _loss(from_pretrained(AutoModelForCausalLM, tmp_path / "m").eval(), ids)
+    ld = _loss(dense, ids)
+    assert lo - ld < 0.9 * (lm_ - ld), (ld, lo, lm_)
+    # gradual on the in-memory model: the Fisher re-estimated on the model as pruned so far
+    layers = {n: m for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+
+    def fisher_now():
+        acc = {}
+        hooks = []
+        for n, m in layers.items():
+            def f(mod, inp, out, n=n):
+                out.register_hook(lambda g, x=inp[0].detach(): acc.__setitem__(n, acc.get(n, 0) + torch.einsum(
+                    "bnk,bnl->nkl", *(2 * [flat_blocks(window_grads(x, g), 32)]))))
+            hooks.append(m.register_forward_hook(f))
+        for p in dense.parameters():
+            p.requires_grad_(False)
+        dense.get_input_embeddings().register_forward_hook(lambda _m, _i, o: o.requires_grad_(True))
+        for s in range(0, 32, 4):
+            x = ids[s:s + 4]
+            logits = dense(input_ids=x).logits
+            torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none").mean(1).sum().backward()
+        for h in hooks:
+            h.remove()
+        return {n: a / 32 for n, a in acc.items()}
+
+    obert_gradual(dense, layers, fisher_now, sparsity=0.6, steps=3)
+    lg = _loss(dense, ids)
+    assert all(float((get_weight(m) == 0).float().mean()) == pytest.approx(0.6, abs=1e-3) for m in layers.values())
+    assert lg - ld < 0.7 * (lo - ld), (lg, lo)
+
+
+def test_recipe_cli_and_refusals(pico, calib_file, tmp_path, capsys):
+    from weightsmith.cli import main
+
+    cfg = build_config({"method": "obert:sparsity=0.5:fisher_block=16"})
+    assert cfg.needs() == {"block_fisher"} and not cfg.has_grid
+    assert build_config({"method": "obert:pattern=2:4,gptq"}).has_grid
+    src = pico("llama")
+    code = main(["quantize", str(src), str(tmp_path / "c"), "--quiet", "--method", "obert,gptq", "--sparsity", "0.5", "--pattern", "2:4",
+                 "--fisher-block", "16", "--bits", "4", "--group-size", "32", "--calib", str(calib_file), "--nsamples", "8", "--seqlen", "32"])
+    assert code == 0, capsys.readouterr().err
+    from weightsmith.export.common import QuantizedCheckpoint
+
+    with QuantizedCheckpoint(tmp_path / "c") as ck:
+        assert [e["kind"] for e in ck.encodings(L0 + "mlp.down_proj")] == ["sparsity", "grid"]
+    # several passes under a small memory budget give the same result as one
+    ids = calib_ids(8, 32)
+    one = weightsmith.quantize(src, {"method": "obert:fisher_block=16"}, ids, out=tmp_path / "a", progress=False)
+    many = weightsmith.quantize(src, {"method": "obert:fisher_block=16:fisher_memory_mb=0.2"}, ids, out=tmp_path / "b", progress=False)
+    assert [r["weight_error"] for r in one["layers"]] == pytest.approx([r["weight_error"] for r in many["layers"]], rel=1e-5)
+    bert = pico("bert")
+    with pytest.raises(WeightsmithError, match="causal LM"):
+        weightsmith.quantize(bert, {"method": "obert"}, ids, out=tmp_path / "e", progress=False)
