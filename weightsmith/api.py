@@ -210,7 +210,7 @@ def _gradients(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor, tmp: Path,
             out[need] = block_fisher(lm, ids[:n], names, req["block"], memory_mb=req["memory_mb"], directory=tmp / "fisher", progress=progress)
             continue
         if not req.get("domain_calib"):
-            raise WeightsmithError("dpruner needs a domain calibration text: give domain_calib=PATH (--domain-calib PATH)")
+            raise WeightsmithError(f"{req.get('step', 'the step')} needs a domain calibration text: give domain_calib=PATH (--domain-calib PATH)")
         dcfg = cfg.model_copy(update={"calib": cfg.calib.model_copy(update={"path": str(req["domain_calib"])})})
         dom, _ = _calibration(dcfg, source, lm, None, progress)
         out["grad_general"], out["fisher_general"] = weight_fisher(lm, ids[:n], names, progress=progress, desc="general gradients")

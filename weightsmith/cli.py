@@ -21,7 +21,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="YAML recipe (method:, grid:, calib:, ...); flags given here override it")
     m = p.add_argument_group("recipe")
     m.add_argument("--method", help="the recipe: steps in order, comma-separated, each NAME[:OPTION=VALUE...]; kinds in this order: "
-                                    "planner (bitalloc, owl), transform (awq), pruner (magnitude, wanda, sparsegpt), one quantizer (rtn, gptq, gptaq, foem, "
+                                    "planner (bitalloc, owl), transform (awq), pruner (magnitude, wanda, sparsegpt, icbs, armor, obert, dpruner), one quantizer (rtn, gptq, gptaq, foem, "
                                     "rescomp or a +-combination such as gptaq+foem), correction (lorc), block step (tune_scales). "
                                     f"Default: {default_recipe_text()}. E.g. awq,gptaq+foem,lorc:rank=16 or magnitude:pattern=2:4,gptq")
     m.add_argument("--set", dest="sets", action="append", default=[], metavar="STEP.OPTION=VALUE",

@@ -34,7 +34,7 @@ class DPrunerConfig(PruneFields):
     fisher_samples: int = Field(0, ge=0, description="calibration windows of each set in the gradient passes (0 = all)")
 
     def gradient_request(self) -> dict:
-        return {"domain_calib": self.domain_calib, "samples": self.fisher_samples or None}
+        return {"step": self.name, "domain_calib": self.domain_calib, "samples": self.fisher_samples or None}
 
 
 def importance(w: torch.Tensor, g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
