@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import WeightsmithError
-from ..model.adapter import LazyModel, get_weight, is_linear
+from ..model.adapter import LazyModel, is_linear
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,11 @@ def gradient_pass(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], cons
     return tokens
 
 
+def _accumulate(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """``acc[name] += value`` (the first value of a layer is kept as is)."""
+    acc[name] = acc[name].add_(value) if name in acc else value
+
+
 def _finite(out: dict, what: str) -> None:
     bad = [n for n, f in out.items() if not torch.isfinite(f).all()]
     if bad:
@@ -114,8 +119,7 @@ def output_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], chun
     acc: dict[str, torch.Tensor] = {}
 
     def consume(name, _x, dy):
-        a = dy.double().pow(2).reshape(-1, dy.shape[-1]).sum(0).cpu()
-        acc[name] = acc[name] + a if name in acc else a
+        _accumulate(acc, name, dy.double().pow(2).reshape(-1, dy.shape[-1]).sum(0).cpu())
 
     tokens = gradient_pass(lm, ids, layer_names, consume, chunk, progress, desc="output Fisher")
     out = {n: (acc[n] / max(tokens, 1)).float() for n in layer_names if n in acc}
@@ -178,8 +182,7 @@ def block_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], block
 
         def consume(name, x, dy):
             gb = flat_blocks(window_grads(x, dy), block)  # (b, nblocks, B)
-            f = torch.einsum("bnk,bnl->nkl", gb, gb).cpu()
-            acc[name] = acc[name].add_(f) if name in acc else f
+            _accumulate(acc, name, torch.einsum("bnk,bnl->nkl", gb, gb).cpu())
 
         gradient_pass(lm, ids, names, consume, chunk, progress, per_window_mean=True,
                       desc=f"block Fisher {k + 1}/{len(passes)}" if spill else "block Fisher")
@@ -217,8 +220,8 @@ def weight_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], chun
 
     def consume(name, x, dy):
         g = window_grads(x, dy).double()
-        gs[name] = gs[name].add_(g.sum(0).cpu()) if name in gs else g.sum(0).cpu()
-        fs[name] = fs[name].add_(g.square().sum(0).cpu()) if name in fs else g.square().sum(0).cpu()
+        _accumulate(gs, name, g.sum(0).cpu())
+        _accumulate(fs, name, g.square().sum(0).cpu())
 
     gradient_pass(lm, ids, layer_names, consume, chunk, progress, per_window_mean=True, desc=desc)
     m = ids.shape[0]

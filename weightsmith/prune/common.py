@@ -59,11 +59,12 @@ def mask_from_scores(score: torch.Tensor, sparsity: float, pattern: str, per_row
 
 
 def prune_state(state, cfg, score_fn, per_row: bool) -> None:
-    """Mask each layer of the group by its own scores and add the :class:`Sparsity` encoding."""
+    """Mask each layer of the group by its own scores and add the :class:`Sparsity` encoding.
+    ``score_fn(w, rows)``: the scores of one layer's weights ``w``, which are ``rows`` of the stacked group."""
     masks, a = [], 0
     for n in state.sizes:
-        w = state.W[a : a + n]
-        masks.append(mask_from_scores(score_fn(w), cfg.sparsity, cfg.pattern, per_row))
+        rows = slice(a, a + n)
+        masks.append(mask_from_scores(score_fn(state.W[rows], rows), cfg.sparsity, cfg.pattern, per_row))
         a += n
     mask = torch.cat(masks, 0)
     if state.mask is not None:

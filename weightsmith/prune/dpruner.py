@@ -57,15 +57,7 @@ def prune(state, cfg: DPrunerConfig, ctx) -> None:
     if not grads or any(k not in grads for k in keys):
         raise WeightsmithError("dpruner needs the gradients of the general and the domain calibration sets (the weight_fisher need)")
     parts = {k: torch.cat(grads[k], 0).to(state.W.device) for k in keys}
-    rows = {"a": 0}
-
-    def score(w):
-        a = rows["a"]
-        b = a + w.shape[0]
-        rows["a"] = b
-        return dpruner_score(w, *(parts[k][a:b] for k in keys), cfg.reg)
-
-    prune_state(state, cfg, score, per_row=cfg.per_row)
+    prune_state(state, cfg, lambda w, rows: dpruner_score(w, *(parts[k][rows] for k in keys), cfg.reg), per_row=cfg.per_row)
 
 
 register("dpruner", DPrunerConfig, kind="pruner", needs={"weight_fisher"}, produces=("sparsity",))(prune)

@@ -20,7 +20,7 @@ class MagnitudeConfig(PruneFields):
 
 def prune(state, cfg: MagnitudeConfig, ctx) -> None:
     """Magnitude pruning: zero the smallest |w| of each layer (unstructured or N:M)."""
-    prune_state(state, cfg, lambda w: w.abs(), per_row=False)
+    prune_state(state, cfg, lambda w, _rows: w.abs(), per_row=False)
 
 
 register("magnitude", MagnitudeConfig, kind="pruner", produces=("sparsity",))(prune)

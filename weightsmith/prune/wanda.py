@@ -25,7 +25,7 @@ def prune(state, cfg: WandaConfig, ctx) -> None:
     if state.stats is None or state.stats.norms is None:
         raise WeightsmithError("wanda needs the calibration inputs' norms")
     norms = state.stats.norms.to(state.W.device, state.W.dtype)
-    prune_state(state, cfg, lambda w: w.abs() * norms[None, :], per_row=True)
+    prune_state(state, cfg, lambda w, _rows: w.abs() * norms[None, :], per_row=True)
 
 
 register("wanda", WandaConfig, kind="pruner", needs={"input_norms"}, produces=("sparsity",))(prune)

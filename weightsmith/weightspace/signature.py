@@ -24,7 +24,6 @@ lock, one final rename). Peak memory: one tensor, its difference and its SVD.
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsmithError
-from ..model.source import CheckpointSource
+from ..model.source import CheckpointSource, _read_header, _read_json
 from .spectra import FULL_LIMIT
 
 MANIFEST = "signature.json"
@@ -193,17 +192,12 @@ def _check_same(keys: list[str], a: CheckpointSource, b: CheckpointSource, name_
 
 def read_signature(sig) -> tuple[dict, list[Path]]:
     """The manifest and shard files of a signature directory, every header validated."""
-    from ..model.source import _read_header
-
     d = Path(sig)
     p = d / MANIFEST
     if not p.is_file():
         raise WeightsmithError(f"{d} is not a signature directory (no {MANIFEST}; write one with `weightsmith signature extract`)")
-    try:
-        man = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsmithError(f"{p} is not valid JSON: {e}") from None
-    if not isinstance(man, dict) or man.get("kind") != "weightsmith-signature" or man.get("format") != FORMAT:
+    man = _read_json(p)
+    if man.get("kind") != "weightsmith-signature" or man.get("format") != FORMAT:
         raise WeightsmithError(f"{p} is not a weightsmith signature manifest (format {FORMAT})")
     files = [d / f for f in man.get("files", [])]
     for f in files:
