@@ -1,20 +1,27 @@
-"""Lookup-table kernel benchmark (issue 17): SmolLM2-135M quantized with RTN at W4/W3/W2 g64, greedy
-batch-1 decoding (64-token prompt, 128 new tokens) through the dequantized float32 path in torch and
-through the kernel (table passes 1 = int8 tables and 2 = int8 + residual), 1 and 2 threads, same
-model, prompt and threads; plus perplexity and KL of the kernel against the dequantized model on
-the protocol's evaluation windows.
+"""Lookup-table kernel benchmark (issue 17): greedy batch-1 decoding (64-token prompt, 128 new tokens)
+of SmolLM2-135M and of a synthetic ~1 B-parameter Llama-shaped checkpoint, quantized with RTN at
+W4/W3/W2 g64, through the dequantized float32 path in torch, through the kernel (table passes 1 =
+int8 tables and 2 = int8 + residual) and through llama.cpp (llama-cpp-python, built from source) on
+a GGUF of the same model at the nearest type (Q4_0, Q3_K_S, Q2_K) — 1 and 2 threads, same prompt
+ids and threads, all in one run; plus perplexity and KL of the kernel against the dequantized model
+on the protocol's evaluation windows (SmolLM2), the memory of the kernel's packed layers against
+the checkpoint's packed size (codes + fp16 scale + packed zero per group), and the bits per weight
+of llama.cpp's block matrices read from its GGUF.
 
+    CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/pip install llama-cpp-python==0.3.36   # the peer (minutes)
     .venv/bin/python bench/bench_kernel.py                       # the full protocol
-    .venv/bin/python bench/bench_kernel.py --smoke               # < 2 min: W4 and W2, 32 new tokens, 2 windows
+    .venv/bin/python bench/bench_kernel.py --smoke               # < 2 min: SmolLM2 W4 and W2, 32 new tokens, 2 windows
 
-Writes bench/results/kernel.json/md (``--out NAME`` for another name). Run on an idle machine: the
-numbers are wall-clock tokens/s.
+The output head is kept in bfloat16 on both torch paths (``--head-dtype``; llama.cpp keeps it at
+Q6_K/Q8_0). Writes bench/results/kernel.json/md (``--out NAME`` for another name). Run on an idle
+machine: the numbers are wall-clock tokens/s.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -26,13 +33,102 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, CALIB, EVAL, run_cli, smollm2_float_dir, write_results  # noqa: E402
 
 
-def _quantized(float_dir: Path, bits: int, gs: int) -> Path:
-    out = CACHE / "kernel" / f"RTN_W{bits}_g{gs}"
+LLAMA_TYPES = {4: "Q4_0", 3: "Q3_K_S", 2: "Q2_K"}  # the nearest llama.cpp file type at each width
+LARGE = {"layers": 18, "hidden": 2048, "inter": 5632, "heads": 32, "kv_heads": 8}  # ~1.0 B parameters, untied head
+
+
+def _quantized(float_dir: Path, bits: int, gs: int, tag: str = "", clip: bool = True) -> Path:
+    out = CACHE / "kernel" / f"{tag}RTN_W{bits}_g{gs}"
     if not (out / "report.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        run_cli(["quantize", str(float_dir), str(out), "--calib", str(CALIB), "--method", "rtn", "--bits", str(bits),
-                 "--group-size", str(gs), "--nsamples", "16", "--seqlen", "256", "--overwrite", "--quiet"], out.parent / f"W{bits}.log")
+        run_cli(["quantize", str(float_dir), str(out), "--method", "rtn", "--bits", str(bits), "--group-size", str(gs),
+                 *([] if clip else ["--no-clip-search"]), "--overwrite", "--quiet"], out.parent / f"{tag}W{bits}.log")
     return out
+
+
+def _large_float() -> Path:
+    out = CACHE / "kernel" / "synthetic-1b-f32"
+    if not (out / "config.json").is_file():
+        from make_synthetic import make
+
+        make(out, **LARGE)
+    return out
+
+
+def _llama_peers(src: Path, work: Path, bits: list[int]) -> dict[int, Path]:
+    """llama.cpp's own files at the nearest type, re-quantized by ``llama_model_quantize`` from ``src``."""
+    import llama_cpp
+
+    peers = {}
+    for b in bits:
+        t = LLAMA_TYPES[b]
+        dst = work / f"{src.stem}.{t}.gguf"
+        if not dst.is_file():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{t}")
+            params.allow_requantize = True
+            params.nthread = 2
+            tmp = dst.with_suffix(".partial")
+            if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
+                raise RuntimeError(f"llama_model_quantize {src} -> {t} failed")
+            tmp.rename(dst)
+        peers[b] = dst
+    return peers
+
+
+def _gguf_block_bpw(path: Path) -> float:
+    """Bits per weight of the GGUF's block matrices (blk.*, 2-D): what our packed layers are compared with."""
+    from gguf import GGUFReader
+
+    nbytes = nel = 0
+    for t in GGUFReader(str(path)).tensors:
+        if t.name.startswith("blk.") and len([d for d in t.shape if d > 1]) == 2:
+            nbytes += int(t.n_bytes)
+            nel += int(t.n_elements)
+    return 8 * nbytes / nel
+
+
+def llama_decode(gguf: Path, ids: list[int], new_tokens: int, threads: int) -> dict:
+    """Greedy decoding in llama.cpp: the prompt in one batch, then ``new_tokens - 1`` single-token steps."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=len(ids) + new_tokens + 8, n_batch=len(ids), n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    nv = llm.n_vocab()
+
+    def last():
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(nv,))))
+
+    llm.eval(ids[:8])  # warm-up
+    for _ in range(3):
+        llm.eval([last()])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t1 = time.perf_counter()
+    toks = [last()]
+    for _ in range(new_tokens - 1):
+        llm.eval([toks[-1]])
+        toks.append(last())
+    t2 = time.perf_counter()
+    llm.close()
+    return {"prompt_tokens_per_s": round(len(ids) / (t1 - t0), 1), "decode_tokens_per_s": round((new_tokens - 1) / (t2 - t1), 2),
+            "tokens": toks}
+
+
+def _ideal_packed_bytes(model) -> int:
+    """The checkpoint's packed size of the layers on the kernel: codes at ``bits`` bits, an fp16 scale and a
+    ``bits``-bit zero per row and group (GPTQ's storage), biases in float32."""
+    from weightsmith.kernels import LutLinear
+
+    tot = 0
+    for m in model.modules():
+        if isinstance(m, LutLinear):
+            ng = m.w_scale.shape[1]
+            tot += m.out_features * m.in_features * m.bits // 8 + m.out_features * ng * (16 + m.bits) // 8
+            tot += 0 if m.bias is None else m.bias.numel() * 4
+    return tot
 
 
 def _ppl(model, windows: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
@@ -53,15 +149,24 @@ def _kl(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
     return tot / len(ref)
 
 
-def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: int, new_tokens: int, ppl_windows: int, seqlen: int) -> dict:
+def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: int, new_tokens: int, ppl_windows: int, seqlen: int,
+              head_dtype: str, peer: Path | None) -> dict:
     from weightsmith.calib import read_calibration_text, tokenize_text
     from weightsmith.export.common import QuantizedCheckpoint
     from weightsmith.kernels import lut, set_num_threads, set_table_passes
-    from weightsmith.kernels.runtime import greedy, load_float, prompt_ids, swap_quantized_layers
+    from weightsmith.kernels.runtime import greedy, load_float, prompt_ids, set_head_dtype, swap_quantized_layers
 
     model, tok = load_float(qdir)
     ids = prompt_ids(tok, prompt_tokens, model.config.vocab_size)
-    res: dict = {"model": qdir.name, "runs": []}
+    res: dict = {"model": qdir.name, "runs": [], "head_dtype": head_dtype}
+    if peer is not None:  # llama.cpp first, while the torch model is only loaded (same prompt ids, same threads)
+        res["llama_type"], res["llama_block_bpw"] = peer.name.split(".")[-2], round(_gguf_block_bpw(peer), 4)
+        for th in threads:
+            r = llama_decode(peer, ids[0].tolist(), new_tokens, th)
+            r.pop("tokens")
+            run = {"path": "llama.cpp", "threads": th, "table_passes": None, **r}
+            res["runs"].append(run)
+            print(json.dumps({"model": qdir.name, **run}), file=sys.stderr, flush=True)
 
     def decode(tag, th, ps=None):
         torch.set_num_threads(th)
@@ -81,11 +186,17 @@ def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: 
         text_ids = tokenize_text(tok, read_calibration_text(EVAL))
         windows = torch.stack([text_ids[i * seqlen : (i + 1) * seqlen] for i in range(ppl_windows)])
         torch.set_num_threads(max(threads))
-        res["dequant_ppl"], ref_logits = _ppl(model, windows)
+        res["dequant_ppl"], ref_logits = _ppl(model, windows)  # float32 head: the model as the checkpoint has it
+    f32_head = model.get_output_embeddings()
+    set_head_dtype(model, head_dtype)
+    fast_head = model.get_output_embeddings()
     ref_tokens = {th: decode("dequant", th) for th in threads}
     with QuantizedCheckpoint(qdir) as ckpt:
         res.update(swap_quantized_layers(model, ckpt))
     res["kernel"] = lut.isa()
+    res["ideal_packed_bytes"] = _ideal_packed_bytes(model)
+    res["block_bpw"] = round(8 * res["ideal_packed_bytes"] / sum(m.in_features * m.out_features for m in model.modules()
+                                                                  if type(m).__name__ == "LutLinear"), 4)
     for ps in passes:
         for th in threads:
             got = decode("kernel", th, ps)
@@ -95,40 +206,55 @@ def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: 
             set_table_passes(ps)
             torch.set_num_threads(max(threads))
             set_num_threads(max(threads))
+            model.set_output_embeddings(f32_head)  # perplexity with the head as the checkpoint has it, on both paths
             p, lg = _ppl(model, windows)
+            model.set_output_embeddings(fast_head)
             res[f"kernel_p{ps}_ppl"], res[f"kernel_p{ps}_kl"] = p, _kl(ref_logits, lg)
     return res
 
 
 def table(results: list[dict], meta: dict) -> str:
-    lines = [f"# Lookup-table kernel: decode tokens/s, SmolLM2-135M RTN g{meta['group_size']}",
-             "", f"{meta['cpu']}; {meta['prompt_tokens']}-token prompt, {meta['new_tokens']} new tokens, greedy, batch 1. "
+    lines = [f"# Lookup-table kernel: decode tokens/s, RTN g{meta['group_size']}, kernel vs dequantized torch vs llama.cpp",
+             "", f"{meta['cpu']} ({meta['isa']}), {meta['load']}; {meta['prompt_tokens']}-token prompt, {meta['new_tokens']} new tokens "
+             f"({meta['large_new_tokens']} on the 1 B model), greedy, batch 1; output head in {meta['head_dtype']} on both torch paths. "
              f"{meta.get('note', '')}", "",
-             "| model | threads | dequant f32 tok/s | kernel p1 tok/s (×) | kernel p2 tok/s (×) | prompt tok/s dequant / p1 / p2 |",
-             "|---|---|---|---|---|---|"]
+             "| model | bpw ours / llama.cpp | threads | dequant f32 tok/s | kernel p1 tok/s (×) | kernel p2 tok/s (×) | llama.cpp tok/s (type) | best kernel / llama.cpp | prompt tok/s dequant / p1 / p2 / llama.cpp |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         by = {(x["path"], x["threads"], x["table_passes"]): x for x in r["runs"]}
         for th in meta["threads"]:
             d = by[("dequant", th, None)]
-            cells = []
-            prompts = [f"{d['prompt_tokens_per_s']:.0f}"]
+            cells, prompts, best = [], [f"{d['prompt_tokens_per_s']:.0f}"], 0.0
             for ps in (1, 2):
                 k = by.get(("kernel", th, ps))
                 cells.append(f"{k['decode_tokens_per_s']:.1f} ({k['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}×)" if k else "—")
                 prompts.append(f"{k['prompt_tokens_per_s']:.0f}" if k else "—")
-            lines.append(f"| {r['model']} | {th} | {d['decode_tokens_per_s']:.1f} | {cells[0]} | {cells[1]} | {' / '.join(prompts)} |")
+                best = max(best, k["decode_tokens_per_s"] if k else 0.0)
+            ll = by.get(("llama.cpp", th, None))
+            prompts.append(f"{ll['prompt_tokens_per_s']:.0f}" if ll else "—")
+            llc = f"{ll['decode_tokens_per_s']:.1f} ({r['llama_type']})" if ll else "—"
+            ratio = f"{best / ll['decode_tokens_per_s']:.2f}" if ll else "—"
+            bpw = f"{r['block_bpw']:.3f} / {r['llama_block_bpw']:.3f}" if ll else f"{r['block_bpw']:.3f}"
+            lines.append(f"| {r['model']} | {bpw} | {th} | {d['decode_tokens_per_s']:.1f} | {cells[0]} | {cells[1]} | {llc} | {ratio} | {' / '.join(prompts)} |")
     if any("dequant_ppl" in r for r in results):
-        lines += ["", f"Perplexity on {meta['ppl_windows']}×{meta['seqlen']} tokens of wiki.eval.txt, kernel vs the dequantized model:", "",
+        lines += ["", f"Perplexity on {meta['ppl_windows']}×{meta['seqlen']} tokens of wiki.eval.txt, kernel vs the dequantized model "
+                  "(float32 head on both):", "",
                   "| model | dequant ppl | kernel p1 ppl (Δ %, KL) | kernel p2 ppl (Δ %, KL) |", "|---|---|---|---|"]
         for r in results:
+            if "dequant_ppl" not in r:
+                continue
             cells = []
             for ps in (1, 2):
                 p = r.get(f"kernel_p{ps}_ppl")
                 cells.append(f"{p:.3f} ({100 * (p / r['dequant_ppl'] - 1):+.3f} %, {r[f'kernel_p{ps}_kl']:.1e})" if p else "—")
             lines.append(f"| {r['model']} | {r['dequant_ppl']:.3f} | {cells[0]} | {cells[1]} |")
-    lines += ["", f"Packed size of the quantized layers vs their float32 weights: "
-              + ", ".join(f"{r['model']} {r['packed_bytes'] / 2**20:.1f} / {r['float_bytes'] / 2**20:.1f} MiB" for r in results), ""]
-    return "\n".join(lines)
+    lines += ["", "Memory of the layers on the kernel (its buffers: codes, fp16 scales, int8 zero points, column permutation) "
+              "vs the checkpoint's packed size (codes, fp16 scale and packed zero per group) and vs their float32 weights:", "",
+              "| model | kernel buffers MiB | packed size MiB | kernel / packed | float32 MiB |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['packed_bytes'] / 2**20:.2f} | {r['ideal_packed_bytes'] / 2**20:.2f} | "
+                     f"{r['packed_bytes'] / r['ideal_packed_bytes']:.3f} | {r['float_bytes'] / 2**20:.1f} |")
+    return "\n".join(lines + [""])
 
 
 def main() -> None:
@@ -139,29 +265,52 @@ def main() -> None:
     ap.add_argument("--passes", default="1,2")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--large-new-tokens", type=int, default=64, help="new tokens on the 1 B model (its float32 path is slow)")
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--smoke", action="store_true", help="W4 and W2, 32 new tokens, 2 windows of 256: a quick check, not a measurement")
+    ap.add_argument("--head-dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    ap.add_argument("--no-large", action="store_true", help="SmolLM2 only")
+    ap.add_argument("--no-llama", action="store_true", help="without the llama.cpp peer")
+    ap.add_argument("--smoke", action="store_true", help="SmolLM2 W4 and W2, 32 new tokens, 2 windows of 256: a quick check, not a measurement")
     ap.add_argument("--note", default="", help="a sentence for the table (e.g. that the machine was shared)")
     ap.add_argument("--out", default="kernel")
     a = ap.parse_args()
     if a.smoke:
-        a.bits, a.new_tokens, a.ppl_windows, a.seqlen = "4,2", 32, 2, 256
+        a.bits, a.new_tokens, a.ppl_windows, a.seqlen, a.no_large = "4,2", 32, 2, 256, True
     bits = [int(b) for b in a.bits.split(",")]
     threads = [int(t) for t in a.threads.split(",")]
     passes = [int(p) for p in a.passes.split(",")]
-    float_dir = smollm2_float_dir()
+    load0 = os.getloadavg()[0]
     t0 = time.time()
-    results = [bench_one(_quantized(float_dir, b, a.group_size), threads, passes, a.prompt_tokens, a.new_tokens, a.ppl_windows, a.seqlen)
-               for b in bits]
+    from weightsmith.demo import smollm2_gguf
+    from weightsmith.kernels import lut
+
+    float_dir = smollm2_float_dir()
+    peers = {} if a.no_llama else _llama_peers(smollm2_gguf(), CACHE / "kernel", bits)  # the shipped Q4_1 = our float model
+    results = [bench_one(_quantized(float_dir, b, a.group_size), threads, passes, a.prompt_tokens, a.new_tokens, a.ppl_windows, a.seqlen,
+                         a.head_dtype, peers.get(b)) for b in bits]
+    if not a.no_large:
+        big = _large_float()
+        lpeers = {}
+        if not a.no_llama:  # llama.cpp's files of the 1 B model: from our exact Q4_0 export of its RTN W4 g32 (sym)
+            q40 = CACHE / "kernel" / "synthetic-1b.Q4_0.gguf"
+            if not q40.is_file():
+                run_cli(["export", str(_quantized(big, 4, 32, "synth1b-", clip=False)), str(q40), "--format", "gguf", "--gguf-type", "Q4_0",
+                         "--gguf-embedding-type", "Q8_0", "--quiet"], CACHE / "kernel" / "synth1b-export.log")
+            lpeers = _llama_peers(q40, CACHE / "kernel", bits)
+        results += [bench_one(_quantized(big, b, a.group_size, "synth1b-", clip=False), threads, passes, a.prompt_tokens, a.large_new_tokens,
+                              0, a.seqlen, a.head_dtype, lpeers.get(b)) for b in bits]
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    meta = {"cpu": cpu, "torch": torch.__version__, "group_size": a.group_size, "threads": threads, "passes": passes,
-            "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "ppl_windows": a.ppl_windows, "seqlen": a.seqlen,
-            "smoke": a.smoke, "note": a.note, "wall_s": round(time.time() - t0, 1)}
+    llama_version = None if a.no_llama else __import__("llama_cpp").__version__
+    meta = {"cpu": cpu, "isa": lut.isa(), "torch": torch.__version__, "llama_cpp_python": llama_version,
+            "group_size": a.group_size, "threads": threads, "passes": passes, "prompt_tokens": a.prompt_tokens,
+            "new_tokens": a.new_tokens, "large_new_tokens": a.large_new_tokens, "large": None if a.no_large else LARGE,
+            "ppl_windows": a.ppl_windows, "seqlen": a.seqlen, "head_dtype": a.head_dtype, "smoke": a.smoke, "note": a.note,
+            "load": f"load average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end", "wall_s": round(time.time() - t0, 1)}
     write_results(a.out, {"meta": meta, "results": results}, table(results, meta))
     print(table(results, meta))
 

@@ -445,7 +445,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     from .kernels.runtime import run
 
-    res = run(a.model, a.prompt, max_new_tokens=a.max_new_tokens, threads=a.threads, table_passes=a.table_passes)
+    res = run(a.model, a.prompt, max_new_tokens=a.max_new_tokens, threads=a.threads, table_passes=a.table_passes,
+              head_dtype=a.head_dtype)
     print(res.pop("text"))
     print(dumps(res), file=sys.stderr)
     return 0
@@ -455,7 +456,7 @@ def cmd_bench_kernel(a: argparse.Namespace) -> int:
     from .kernels.runtime import bench_kernel
 
     print(dumps(bench_kernel(a.quantized, threads=a.threads, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
-                                  table_passes=a.table_passes)))
+                                  table_passes=a.table_passes, head_dtype=a.head_dtype)))
     return 0
 
 
@@ -629,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="threads of the kernel and of torch (default: torch's)")
     r.add_argument("--table-passes", type=int, choices=(1, 2), default=None,
                    help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
+    r.add_argument("--head-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="the output head's weight type (default float32, as the checkpoint keeps it; bfloat16 halves what "
+                        "each decoded token reads)")
     r.set_defaults(fn=cmd_run)
 
     bk = sub.add_parser("bench-kernel", parents=[common], help="decode tokens/s: lookup-table kernel vs the dequantized float path",
@@ -641,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--new-tokens", type=int, default=128)
     bk.add_argument("--table-passes", type=int, choices=(1, 2), default=None,
                     help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
+    bk.add_argument("--head-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="the output head's weight type (default float32, as the checkpoint keeps it; bfloat16 halves what "
+                        "each decoded token reads, on both paths)")
     bk.set_defaults(fn=cmd_bench_kernel)
     return ap
 

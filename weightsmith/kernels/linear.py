@@ -49,7 +49,7 @@ class LutLinear(nn.Module):
         self.group, self.block = packed.group, packed.block
         self.register_buffer("w_packed", packed.w, persistent=False)
         self.register_buffer("w_scale", packed.scale, persistent=False)
-        self.register_buffer("w_zcs", packed.zcs, persistent=False)
+        self.register_buffer("w_zero2", packed.zero2, persistent=False)
         self.register_buffer("perm", packed.perm, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
         self.use_kernel = use_kernel
@@ -71,9 +71,9 @@ class LutLinear(nn.Module):
         if b is not None and b.dtype != torch.float32:
             self.bias = b = b.float()
         self._call = (lib.ws_lut_gemm,
-                      (self.w_packed.data_ptr(), self.w_scale.data_ptr(), self.w_zcs.data_ptr(), self.perm.data_ptr(),
+                      (self.w_packed.data_ptr(), self.w_scale.data_ptr(), self.w_zero2.data_ptr(), self.perm.data_ptr() if self.perm.numel() else None,
                        b.data_ptr() if b is not None else None),
-                      (self.perm.numel(), self.group, self.block, self.bits))
+                      (self.w_scale.shape[1] * self.group, self.group, self.block, self.bits))
 
     @classmethod
     def from_quant_layer(cls, layer, bias: torch.Tensor | None = None, **kw) -> "LutLinear":
@@ -82,7 +82,7 @@ class LutLinear(nn.Module):
 
     @property
     def packed(self) -> lut.PackedLayer:
-        return lut.PackedLayer(self.w_packed, self.w_scale, self.w_zcs, self.perm, self.out_features, self.in_features,
+        return lut.PackedLayer(self.w_packed, self.w_scale, self.w_zero2, self.perm, self.out_features, self.in_features,
                                self.group, self.block, self.bits)
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -10,7 +10,7 @@ through the float sum of each group's activations.
 
 Act-order (any ``g_idx``) is handled at pack time: columns are sorted by group, each group padded
 to a common size ``G`` (a multiple of 4); at run time the activations are gathered once per token
-through ``perm`` (padding reads as 0).
+through ``perm`` (padding reads as 0); without act-order or padding ``perm`` is empty (the identity).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ log = logging.getLogger("weightsmith")
 TILE = 64
 MAX_BLOCK = 64
 SRC = Path(__file__).parent / "csrc" / "lut_gemv.cpp"
-ABI_VERSION = 6
+ABI_VERSION = 8
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fopenmp"]
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
 
@@ -43,9 +43,9 @@ class PackedLayer:
     """A quantized linear layer in the kernel's layout (see ``csrc/lut_gemv.cpp``)."""
 
     w: torch.Tensor  # uint8 [tiles][blocks][S/4 quads][bits * 32]
-    scale: torch.Tensor  # float32 [tiles][groups][64]
-    zcs: torch.Tensor  # float32 [tiles][groups][64]: scale * (zero - (2**bits - 1) / 2)
-    perm: torch.Tensor  # int32 [Kp]: source column of each packed column, -1 = padding
+    scale: torch.Tensor  # float16 [tiles][groups][64]
+    zero2: torch.Tensor  # int8 [tiles][groups][64]: 2 * zero - (2**bits - 1)
+    perm: torch.Tensor  # int32 [Kp]: source column of each packed column, -1 = padding; empty: the identity (Kp = K)
     out_features: int
     in_features: int
     group: int  # G: packed columns per group (multiple of 4)
@@ -54,18 +54,30 @@ class PackedLayer:
 
     @property
     def kp(self) -> int:
-        return int(self.perm.numel())
+        return int(self.scale.shape[1]) * self.group
 
     @property
     def n_groups(self) -> int:
-        return self.kp // self.group
+        return int(self.scale.shape[1])
+
+    def columns(self) -> torch.Tensor:
+        """The source column of each packed column (-1 = padding), also where ``perm`` is the stored identity."""
+        return self.perm if self.perm.numel() else torch.arange(self.kp, dtype=torch.int32)
+
+    def perm_ptr(self) -> int | None:
+        return self.perm.data_ptr() if self.perm.numel() else None
 
     @property
     def tiles(self) -> int:
         return (self.out_features + TILE - 1) // TILE
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.zcs, self.perm))
+        return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.zero2, self.perm))
+
+    @property
+    def zcs(self) -> torch.Tensor:
+        """float32 [tiles][groups][64]: ``scale * (zero - (2**bits - 1) / 2)``, as the kernel computes it."""
+        return self.scale.float() * (self.zero2.float() * 0.5)
 
 
 def _chunk_map(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,12 +149,29 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.
     nib = torch.stack(nibs).view(bits, T, TILE, nb, F)
     rl, pl, rh, ph = _chunk_map(bits)
     w = (nib[pl, :, rl] | (nib[ph, :, rh] << 4)).permute(1, 2, 3, 0).contiguous()  # (T, nb, F, bits * 32)
-    sc = torch.zeros(Np, ng, dtype=torch.float32)
-    sc[:N] = scale.float()
-    zc = torch.zeros(Np, ng, dtype=torch.float32)
-    zc[:N] = scale.float() * (zero.float() - (2**bits - 1) / 2)
+    sc = torch.zeros(Np, ng, dtype=torch.float16)
+    sc[:N] = _fp16_scales(scale)
+    z2 = 2 * zero.double() - (2**bits - 1)
+    if not torch.equal(z2, z2.round()) or z2.abs().max() > 127:
+        raise ValueError("the lookup-table kernel stores zero points as half-integers in int8; "
+                         f"this layer's zero points are not (range {float(zero.min())} .. {float(zero.max())})")
+    zp = torch.zeros(Np, ng, dtype=torch.int8)
+    zp[:N] = z2.to(torch.int8)
     lay = lambda t: t.view(T, TILE, ng).permute(0, 2, 1).contiguous()  # noqa: E731
-    return PackedLayer(w.view(-1), lay(sc), lay(zc), perm, N, K, G, S, bits)
+    if Kp == K and torch.equal(perm, torch.arange(K, dtype=torch.int32)):
+        perm = perm[:0]  # no act-order, no padding: the kernel reads the activations as they are
+    return PackedLayer(w.view(-1), lay(sc), lay(zp), perm, N, K, G, S, bits)
+
+
+def _fp16_scales(scale: torch.Tensor) -> torch.Tensor:
+    """The scales in float16 (what the kernel reads); refused where float16 would change them by more
+    than its own rounding (below its normal range, or above its maximum)."""
+    h = scale.to(torch.float16)
+    a = scale.abs().float()
+    if not torch.isfinite(h).all() or bool(((a > 0) & (a < 2.0**-14)).any()):
+        raise ValueError(f"the lookup-table kernel stores scales in float16; this layer's scales (|s| from "
+                         f"{float(a[a > 0].min()) if bool((a > 0).any()) else 0:.3g} to {float(a.max()):.3g}) leave its normal range")
+    return h
 
 
 def unpack(p: PackedLayer) -> torch.Tensor:
@@ -154,12 +183,13 @@ def unpack(p: PackedLayer) -> torch.Tensor:
     for i in range(p.bits):
         bit = torch.stack([(nib[i] >> b) & 1 for b in range(4)], -1).reshape(Np, p.kp)
         code += bit.float() * 2**i
-    sc = p.scale.permute(0, 2, 1).reshape(Np, ng).repeat_interleave(G, 1)
+    sc = p.scale.float().permute(0, 2, 1).reshape(Np, ng).repeat_interleave(G, 1)
     zc = p.zcs.permute(0, 2, 1).reshape(Np, ng).repeat_interleave(G, 1)
     wp = code * sc - (zc + (2**p.bits - 1) / 2 * sc)
     out = torch.zeros(p.out_features, p.in_features, dtype=torch.float32)
-    valid = p.perm >= 0
-    out[:, p.perm[valid].long()] = wp[: p.out_features, valid]
+    cols = p.columns()
+    valid = cols >= 0
+    out[:, cols[valid].long()] = wp[: p.out_features, valid]
     return out
 
 
@@ -171,8 +201,9 @@ def tables(p: PackedLayer, x: torch.Tensor, passes: int = 1):
     x = x.float()
     M = x.shape[0]
     xs = torch.zeros(M, p.kp, dtype=torch.float32)
-    valid = p.perm >= 0
-    xs[:, valid] = x[:, p.perm[valid].long()]
+    cols = p.columns()
+    valid = cols >= 0
+    xs[:, valid] = x[:, cols[valid].long()]
     a = xs.view(M, -1, 4)
     a0, a1, a2, a3 = a.unbind(-1)
     idx = torch.arange(16)
@@ -389,7 +420,7 @@ def lut_tables_native(p: PackedLayer, x: torch.Tensor, passes: int = 1, isa: int
     tab = torch.empty(passes, p.kp // 4, 32, dtype=torch.int8)
     ls = torch.empty(passes, p.kp // p.block, dtype=torch.float32)
     asum = torch.empty(p.n_groups, dtype=torch.float32)
-    lib.ws_lut_tables(x.data_ptr(), p.perm.data_ptr(), p.kp, p.group, p.block, passes, isa, tab.data_ptr(), ls.data_ptr(), asum.data_ptr())
+    lib.ws_lut_tables(x.data_ptr(), p.perm_ptr(), p.kp, p.group, p.block, passes, isa, tab.data_ptr(), ls.data_ptr(), asum.data_ptr())
     assert torch.equal(tab[..., :16], tab[..., 16:])
     return tab[..., :16], ls, asum
 
@@ -407,7 +438,7 @@ def lut_gemm(p: PackedLayer, x: torch.Tensor, bias: torch.Tensor | None = None, 
     M = x.shape[0]
     y = torch.empty(M, p.out_features, dtype=torch.float32)
     b = bias.to(torch.float32).contiguous() if bias is not None else None
-    rc = lib.ws_lut_gemm(p.w.data_ptr(), p.scale.data_ptr(), p.zcs.data_ptr(), p.perm.data_ptr(),
+    rc = lib.ws_lut_gemm(p.w.data_ptr(), p.scale.data_ptr(), p.zero2.data_ptr(), p.perm_ptr(),
                          b.data_ptr() if b is not None else None, x.data_ptr(), y.data_ptr(),
                          M, p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, int(passes), int(threads), int(isa))
     if rc != 0:

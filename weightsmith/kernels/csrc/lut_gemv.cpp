@@ -20,7 +20,9 @@
 // columns (bit b = column 4*quad + b). Plane pair, byte o = 32h + j (h = 0, 1; j = 0..31): low
 // nibble = row 32h + j/2, plane 2p + j%2; high nibble = row 32h + 16 + j/2, plane 2p + j%2. Odd
 // plane, byte j: low nibble = row j/2 + 16 (j%2), high nibble = row 32 + j/2 + 16 (j%2).
-// Scales: [tile][group][64] float; zc_scale = scale * zc, same layout.
+// Scales: [tile][group][64] fp16 (the checkpoint's scale); zero points [tile][group][64] int8 as
+// z2 = 2 * zero - (2^bits - 1), so zc * scale = scale * z2 / 2 (exact in float): 3 bytes per row and
+// group, 0.375 bits per weight at group size 64.
 //
 // Inner loop: vpshufb looks up 32 (AVX2) or 64 (AVX-512) nibbles in the quad's table; vpmaddubsw
 // with weights (2^i, 2^(i+1)) widens the int8 lookups of a plane pair to int16 and combines the two
@@ -219,7 +221,10 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void quad_tables_avx512(con
 // tab: [passes][Kp/4][32], lscale: [passes][Kp/S]. isa 0: scalar, 1: AVX2, 2: AVX-512.
 void build_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, int64_t S, int passes, int isa,
                   float* xs, int8_t* tab, float* lscale, float* asum) {
-    for (int64_t k = 0; k < Kp; ++k) xs[k] = perm[k] >= 0 ? x[perm[k]] : 0.0f;
+    if (perm)
+        for (int64_t k = 0; k < Kp; ++k) xs[k] = perm[k] >= 0 ? x[perm[k]] : 0.0f;
+    else  // the identity (no act-order, no padding: Kp == K)
+        std::memcpy(xs, x, Kp * sizeof(float));
     const int64_t ng = Kp / G, nb = Kp / S, F = S / 4;
     for (int64_t g = 0; g < ng; ++g) {
         float s = 0.0f;
@@ -246,8 +251,8 @@ void build_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, in
 
 struct Args {
     const uint8_t* w;
-    const float* scale;
-    const float* zcs;
+    const uint16_t* scale;  // fp16
+    const int8_t* z2;
     int64_t N, Kp, G, S;
     int bits, passes;
 };
@@ -256,13 +261,26 @@ struct Args {
 // vpmaddubsw(weights u8, lookups s8) sums adjacent byte pairs into int16: with the pair (plane i,
 // plane i+1) of the same row in adjacent bytes and weights (2^i, 2^(i+1)), one instruction widens
 // the lookups, combines the two planes and leaves one int16 per row, in natural row order.
-__attribute__((target("avx2,fma"))) inline void flush(const __m256i acc[4], const float* sc, float ls, __m256* o) {
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load_half8(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+}
+
+// o[k] -= scale * z2 / 2 * asum for the 64 rows of one group (the zero-point term).
+__attribute__((target("avx2,fma,f16c"))) inline void zero_term(const uint16_t* sc, const int8_t* z2, float asum, __m256* o) {
+    const __m256 s = _mm256_set1_ps(0.5f * asum);
+    for (int k = 0; k < 8; ++k) {
+        const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(z2 + 8 * k))));
+        o[k] = _mm256_fnmadd_ps(_mm256_mul_ps(load_half8(sc + 8 * k), z), s, o[k]);
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline void flush(const __m256i acc[4], const uint16_t* sc, float ls, __m256* o) {
     const __m256 l = _mm256_set1_ps(ls);
     for (int a = 0; a < 4; ++a) {  // acc[a] = rows 16a .. 16a+15
         __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[a])));
         __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[a], 1)));
-        o[2 * a] = _mm256_fmadd_ps(f0, _mm256_mul_ps(_mm256_loadu_ps(sc + 16 * a), l), o[2 * a]);
-        o[2 * a + 1] = _mm256_fmadd_ps(f1, _mm256_mul_ps(_mm256_loadu_ps(sc + 16 * a + 8), l), o[2 * a + 1]);
+        o[2 * a] = _mm256_fmadd_ps(f0, _mm256_mul_ps(load_half8(sc + 16 * a), l), o[2 * a]);
+        o[2 * a + 1] = _mm256_fmadd_ps(f1, _mm256_mul_ps(load_half8(sc + 16 * a + 8), l), o[2 * a + 1]);
     }
 }
 
@@ -285,7 +303,7 @@ __attribute__((target("avx2,fma"))) inline __m256i pair_weights(int i, int bits)
 }
 
 // One tile of 64 rows, one token: the 64 outputs in natural row order into out64.
-__attribute__((target("avx2,fma"))) void tile_avx2(const Args& A, int64_t tile, const int8_t* tab, const float* ls,
+__attribute__((target("avx2,fma,f16c"))) void tile_avx2(const Args& A, int64_t tile, const int8_t* tab, const float* ls,
                                                    const float* asum, float* out64) {
     const int64_t ng = A.Kp / A.G, bpg = A.G / A.S, F = A.S / 4, nb = A.Kp / A.S;
     const int bits = A.bits, npairs = bits / 2, odd = bits & 1, qbytes = bits * 32;
@@ -296,7 +314,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Args& A, int64_t tile, 
     for (int k = 0; k < 8; ++k) o[k] = _mm256_setzero_ps();
     const uint8_t* w = A.w + tile * nb * F * qbytes;
     for (int64_t g = 0; g < ng; ++g) {
-        const float* sc = A.scale + (tile * ng + g) * TILE;
+        const uint16_t* sc = A.scale + (tile * ng + g) * TILE;
         for (int64_t bb = 0; bb < bpg; ++bb) {
             const int64_t b = g * bpg + bb;
             for (int ps = 0; ps < A.passes; ++ps) {
@@ -324,9 +342,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Args& A, int64_t tile, 
             }
             w += F * qbytes;
         }
-        const float* zc = A.zcs + (tile * ng + g) * TILE;
-        const __m256 s = _mm256_set1_ps(asum[g]);
-        for (int k = 0; k < 8; ++k) o[k] = _mm256_fnmadd_ps(_mm256_loadu_ps(zc + 8 * k), s, o[k]);
+        zero_term(sc, A.z2 + (tile * ng + g) * TILE, asum[g], o);
     }
     for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64 + 8 * k, o[k]);
 }
@@ -336,7 +352,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Args& A, int64_t tile, 
 // give rows 0-15 (lanes 0-1) and 32-47 (lanes 2-3), high nibbles rows 16-31 and 48-63.
 // NT tokens at once (prompts): the weight loads and nibble extraction are shared, the lookups not.
 template <int NT>
-__attribute__((target("avx512f,avx512bw,avx2,fma"))) void tile_avx512(const Args& A, int64_t tile, const int8_t* const* tab,
+__attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void tile_avx512(const Args& A, int64_t tile, const int8_t* const* tab,
                                                                       const float* const* ls, const float* const* asum,
                                                                       float* const* out64) {
     const int64_t ng = A.Kp / A.G, bpg = A.G / A.S, F = A.S / 4, nb = A.Kp / A.S;
@@ -350,7 +366,7 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void tile_avx512(const Args
         for (int k = 0; k < 8; ++k) o[n][k] = _mm256_setzero_ps();
     const uint8_t* w = A.w + tile * nb * F * qbytes;
     for (int64_t g = 0; g < ng; ++g) {
-        const float* sc = A.scale + (tile * ng + g) * TILE;
+        const uint16_t* sc = A.scale + (tile * ng + g) * TILE;
         for (int64_t bb = 0; bb < bpg; ++bb) {
             const int64_t b = g * bpg + bb;
             for (int ps = 0; ps < A.passes; ++ps) {
@@ -395,11 +411,7 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void tile_avx512(const Args
             }
             w += F * qbytes;
         }
-        const float* zc = A.zcs + (tile * ng + g) * TILE;
-        for (int n = 0; n < NT; ++n) {
-            const __m256 s = _mm256_set1_ps(asum[n][g]);
-            for (int k = 0; k < 8; ++k) o[n][k] = _mm256_fnmadd_ps(_mm256_loadu_ps(zc + 8 * k), s, o[n][k]);
-        }
+        for (int n = 0; n < NT; ++n) zero_term(sc, A.z2 + (tile * ng + g) * TILE, asum[n][g], o[n]);
     }
     for (int n = 0; n < NT; ++n)
         for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64[n] + 8 * k, o[n][k]);
@@ -408,7 +420,7 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void tile_avx512(const Args
 int best_isa() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return 1;
     return 0;
 }
 
@@ -421,7 +433,7 @@ struct Scratch {
 
 extern "C" {
 
-int ws_lut_abi_version() { return 6; }
+int ws_lut_abi_version() { return 8; }
 
 // 1 when built with OpenMP (the kernel shares torch's OpenMP threads), 0 with its own thread pool.
 int ws_lut_openmp() {
@@ -455,9 +467,9 @@ void ws_lut_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, i
     build_tables(x, perm, Kp, G, S, passes, isa < 0 || isa > have ? have : isa, xs.data(), tab, ls, asum);
 }
 
-// y[M, N] = x[M, K] (gathered through perm [Kp]) times the packed weight, + bias (may be null).
+// y[M, N] = x[M, K] (gathered through perm [Kp]; null: the identity, Kp == K) times the packed weight, + bias (may be null).
 // Returns 0 on success, negative on bad arguments / unsupported isa.
-int ws_lut_gemm(const uint8_t* w, const float* scale, const float* zcs, const int32_t* perm, const float* bias,
+int ws_lut_gemm(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const int32_t* perm, const float* bias,
                 const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t Kp, int64_t G, int64_t S, int bits,
                 int passes, int threads, int isa) {
     if (passes < 1 || passes > 2 || bits < 1 || bits > 4 || G <= 0 || S <= 0 || S % 4 || G % S || Kp % G || S > MAX_BLOCK || M < 0 || N < 0)
@@ -475,7 +487,7 @@ int ws_lut_gemm(const uint8_t* w, const float* scale, const float* zcs, const in
     for (int64_t m = 0; m < M; ++m)
         build_tables(x + m * K, perm, Kp, G, S, passes, isa, s.xs.data(), s.tab.data() + m * passes * nq * 32, s.ls.data() + m * passes * nb,
                      s.asum.data() + m * ng);
-    const Args A{w, scale, zcs, N, Kp, G, S, bits, passes};
+    const Args A{w, scale, z2, N, Kp, G, S, bits, passes};
     const int64_t ntiles = (N + TILE - 1) / TILE;
     int nt = threads < 1 ? 1 : threads;
     if (nt > ntiles) nt = (int)ntiles;
