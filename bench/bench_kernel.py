@@ -210,7 +210,25 @@ def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: 
             p, lg = _ppl(model, windows)
             model.set_output_embeddings(fast_head)
             res[f"kernel_p{ps}_ppl"], res[f"kernel_p{ps}_kl"] = p, _kl(ref_logits, lg)
+    # the floor of any runtime that keeps the transformers model around its linear layers: every linear
+    # layer and the head replaced by a module that only allocates its output (no weights read at all)
+    for name, m in list(model.named_modules()):
+        if type(m).__name__ == "LutLinear":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, _NoMatmul(m.out_features))
+    model.set_output_embeddings(_NoMatmul(model.config.vocab_size))
+    for th in threads:
+        decode("no-matmul floor", th)
     return res
+
+
+class _NoMatmul(torch.nn.Module):
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
 def table(results: list[dict], meta: dict) -> str:
@@ -220,6 +238,7 @@ def table(results: list[dict], meta: dict) -> str:
              f"{meta.get('note', '')}", "",
              "| model | bpw ours / llama.cpp | threads | dequant f32 tok/s | kernel p1 tok/s (×) | kernel p2 tok/s (×) | llama.cpp tok/s (type) | best kernel / llama.cpp | prompt tok/s dequant / p1 / p2 / llama.cpp |",
              "|---|---|---|---|---|---|---|---|---|"]
+    floors: list[str] = []
     for r in results:
         by = {(x["path"], x["threads"], x["table_passes"]): x for x in r["runs"]}
         for th in meta["threads"]:
@@ -235,7 +254,12 @@ def table(results: list[dict], meta: dict) -> str:
             llc = f"{ll['decode_tokens_per_s']:.1f} ({r['llama_type']})" if ll else "—"
             ratio = f"{best / ll['decode_tokens_per_s']:.2f}" if ll else "—"
             bpw = f"{r['block_bpw']:.3f} / {r['llama_block_bpw']:.3f}" if ll else f"{r['block_bpw']:.3f}"
+            fl = by.get(("no-matmul floor", th, None))
+            floors.append(f"{r['model']} {th} thread{'s' if th > 1 else ''} {fl['decode_tokens_per_s']:.1f}" if fl else "")
             lines.append(f"| {r['model']} | {bpw} | {th} | {d['decode_tokens_per_s']:.1f} | {cells[0]} | {cells[1]} | {llc} | {ratio} | {' / '.join(prompts)} |")
+    lines += ["", "The floor of the torch runtime — the same transformers model with every linear layer and the head replaced by a "
+              "module that reads no weights (attention, norms, rotary, the KV cache and Python dispatch only), decode tok/s: "
+              + "; ".join(f for f in floors if f) + ". No kernel, however fast, makes the torch path decode faster than this."]
     if any("dequant_ppl" in r for r in results):
         lines += ["", f"Perplexity on {meta['ppl_windows']}×{meta['seqlen']} tokens of wiki.eval.txt, kernel vs the dequantized model "
                   "(float32 head on both):", "",

@@ -7,12 +7,13 @@ a list of typed encodings, each knowing its storage in bits, how it is saved in
 - :class:`Grid` — a uniform integer grid: ``w = (q − zero[:, g]) · scale[:, g]``, ``g = g_idx[c]``;
 - :class:`Sparsity` — a 0/1 mask of the kept weights (unstructured or N:M along the input);
 - :class:`LowRank` — factors ``A (out, r)``, ``B (r, in)`` added to the weight (LoRC);
+- :class:`Planes` — codes whose bit planes have their own scale per row and group (HLQ);
 - :class:`Factored` — the weight *is* a product ``A · S · B``: ``S`` an N:M-sparse core, ``A`` (out, out)
   and ``B`` (in, in) block-diagonal (ARMOR). The dense weight has no zeros; the core has.
 
 On disk (the contract the exporters and readers follow): tensors ``{layer}.scale|zero|g_idx``
 (grid), ``{layer}.mask`` (uint8, bits packed little-endian along the input), ``{layer}.lowrank_a|b``,
-``{layer}.armor_a|armor_b|armor_core`` (factored: ``A``/``B`` as bands, row ``r`` holding its block's
+``{layer}.plane_scale|plane_offset`` (planes), ``{layer}.armor_a|armor_b|armor_core`` (factored: ``A``/``B`` as bands, row ``r`` holding its block's
 columns ``[k·bs, k·bs + bs)`` with ``k = r // bs``, zero-padded past a shorter last block; the core dense
 with its zeros);
 and the safetensors metadata key ``weightsmith.encodings``: JSON ``{layer: [{"kind": ..., ...}]}``.
@@ -205,7 +206,48 @@ class Factored(Encoding):
                 "factors": 16 * blocks}
 
 
-KINDS: dict[str, type] = {c.KIND: c for c in (Grid, Sparsity, LowRank, Factored)}
+@dataclass
+class Planes(Encoding):
+    """Hierarchical linear levels (ELUTQ's HLQ): each weight is a ``bits``-bit code whose bit planes
+    carry their own scale per row and group, ``w = offset[:, g] + Σ_i plane_scale[:, g, i] · bit_i(q)``.
+    The uniform grid is the special case ``plane_scale[..., i] = 2^i · scale``; the lookup-table kernel
+    sums one table lookup per plane, so free plane scales cost it nothing but their storage. Groups
+    are natural (``group_size`` consecutive columns; -1 one group per row)."""
+
+    KIND: ClassVar[str] = "planes"
+    STORES_WEIGHT: ClassVar[bool] = True  # its codes replace the dense 16-bit weights in the bit count
+    bits_: int
+    group_size: int
+    plane_scale: torch.Tensor  # (out, n_groups, bits) float32
+    offset: torch.Tensor  # (out, n_groups) float32
+
+    def split(self, sizes):
+        out, a = [], 0
+        for n in sizes:
+            out.append(Planes(self.bits_, self.group_size, self.plane_scale[a : a + n], self.offset[a : a + n]))
+            a += n
+        return out
+
+    def levels(self) -> torch.Tensor:
+        """(out, n_groups, 2**bits): the value of every code."""
+        codes = torch.arange(2**self.bits_, device=self.offset.device)
+        bitmat = ((codes[:, None] >> torch.arange(self.bits_, device=codes.device)) & 1).float()  # (L, bits)
+        return self.offset[..., None] + self.plane_scale.float() @ bitmat.T
+
+    def tensors(self, name):
+        return {f"{name}.plane_scale": self.plane_scale.float().cpu().contiguous(), f"{name}.plane_offset": self.offset.float().cpu().contiguous()}
+
+    def meta(self):
+        return {"kind": self.KIND, "bits": self.bits_, "group_size": self.group_size}
+
+    def bits(self, shape):
+        """``bits`` per weight; per row and group one 16-bit scale per plane and a 16-bit offset."""
+        out, cols = shape
+        ng = int(self.offset.shape[1])
+        return {"weights": self.bits_ * out * cols, "scales": 16 * out * ng * (self.bits_ + 1)}
+
+
+KINDS: dict[str, type] = {c.KIND: c for c in (Grid, Sparsity, LowRank, Factored, Planes)}
 
 
 def grid_bits(shape: tuple[int, int], bits: int, n_groups: int, sym: bool, permuted: bool) -> dict[str, int]:

@@ -19,7 +19,9 @@ qparams file in the safetensors ``__metadata__`` key ``weightsmith.encodings`` (
   have only this one (pruned: dense float weights with exact zeros);
 * ``{"kind": "factored", "pattern": "2:4", "block_size": bs, "core_density": d}`` — ``.armor_a``
   (out, bs), ``.armor_b`` (in, bs) f32 bands of block-diagonal ``A``, ``B``, ``.armor_core`` f32
-  (out, in) the N:M-sparse core: the dense weight is ``A·core·B`` (ARMOR), with no zeros of its own.
+  (out, in) the N:M-sparse core: the dense weight is ``A·core·B`` (ARMOR), with no zeros of its own;
+* ``{"kind": "planes", "bits": b, "group_size": g}`` — ``.plane_scale`` f32 (out, n_groups, b), ``.plane_offset``
+  f32 (out, n_groups): hierarchical linear levels (HLQ), ``w = offset + Σ_i plane_scale_i · bit_i(q)``.
 
 Files without the metadata (written before encodings) are read as before: every layer with a
 ``.scale`` is a grid with the report's ``config.grid``, and ``lorc_a`` / ``lorc_b`` are a low-rank
@@ -49,6 +51,7 @@ ENCODING_TENSORS = {
     "lowrank": (("lowrank_a", "lowrank_b"), ("lorc_a", "lorc_b")),
     "sparsity": (("mask",),),
     "factored": (("armor_a", "armor_b", "armor_core"),),
+    "planes": (("plane_scale", "plane_offset"),),
 }
 
 
@@ -84,6 +87,9 @@ def scheme_name(encs: list[dict], permuted: bool = False) -> str:
         elif k == "sparsity":
             d = e.get("density")
             parts.append(f"sparsity {e.get('pattern', '?')}" + ("" if d is None else f" {100 * float(d):.0f}%"))
+        elif k == "planes":
+            g = e.get("group_size")
+            parts[0] = f"hlq{e.get('bits', '?')} " + ("per-channel" if g == -1 else f"g{g}")
         elif k != "grid":
             parts.append(str(k))
     return " + ".join(parts)
@@ -451,6 +457,10 @@ def packed_bits_per_weight(shape: tuple[int, int], encs: list[dict], n_groups: i
     from ..encodings import grid_bits, lowrank_bits
 
     grid = next((Grid.of(e) for e in encs if e.get("kind") == "grid"), None)
+    planes = next((e for e in encs if e.get("kind") == "planes"), None)
+    if planes is not None and n_groups is not None:  # codes, and per row and group a 16-bit scale per plane and an offset
+        b = int(planes["bits"])
+        return (b * shape[0] * shape[1] + 16 * shape[0] * int(n_groups) * (b + 1)) / (shape[0] * shape[1])
     if grid is None or n_groups is None:
         return None
     rank = sum(int(e.get("rank") or 0) for e in encs if e.get("kind") == "lowrank")

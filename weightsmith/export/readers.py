@@ -194,6 +194,8 @@ class WeightsmithView(_SafetensorsView):
                     gi = read_entry(self.q[f"{base}.g_idx"]).long()
                     gs = gi.numel() if grid.group_size == -1 else grid.group_size
                     permuted = not torch.equal(gi, torch.arange(gi.numel()) // gs)
+                elif any(e["kind"] == "planes" for e in encs):
+                    n_groups = int(self.q[f"{base}.plane_offset"].shape[1])
                 info.scheme = scheme_name(encs, permuted) + " (dequantized, qparams)"
                 pb = packed_bits_per_weight(tuple(info.shape), encs, n_groups, permuted)
                 if pb is not None:

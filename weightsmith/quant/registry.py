@@ -230,7 +230,7 @@ def _load_builtin() -> None:
     if _loaded:
         return
     _loaded = True
-    from . import awq, bitalloc, foem, gptaq, gptq, lorc, rescomp, rtn, tune_scales  # noqa: F401 - modules register on import
+    from . import awq, bitalloc, foem, gptaq, gptq, hlq, lorc, rescomp, rtn, tune_scales  # noqa: F401 - modules register on import
     from ..prune import armor, dpruner, icbs, magnitude, obert, owl, sparsegpt, wanda  # noqa: F401 - modules register on import
     _load_plugins()
 

@@ -1,0 +1,136 @@
+"""Hierarchical linear quantization (HLQ, from "ELUTQ: Efficient LUT-Aware Quantization for Deploying
+Large Language Models on Edge Devices"): a ``bits``-bit code per weight whose bit planes each carry
+their own scale per row and group,
+
+    w ≈ offset[g] + Σ_i plane_scale[g, i] · bit_i(q)
+
+instead of the uniform grid's ``plane_scale[g, i] = 2^i · scale[g]``. A lookup-table kernel already
+looks up and sums one table entry per bit plane, so free plane scales fit its layout; the price is
+``bits`` 16-bit scales and an offset per row and group (the report counts them) instead of a scale
+and a zero point.
+
+The fit is data-free and per group (rows of ``group_size`` consecutive weights), alternating two
+exact minimisations of the squared error, so it never ends above its start:
+
+1. codes: with the levels fixed, every weight takes its nearest of the ``2^bits`` levels;
+2. scales: with the codes fixed, ``offset`` and the plane scales are the least-squares solution of
+   ``x ≈ [1, bit_0, …, bit_{b-1}] · θ`` (normal equations in float64, ridge-regularised where a plane
+   is constant over the group).
+
+It starts from the configured grid's round-to-nearest (its scale and zero point from
+``grid.grouped_params``, clip search included), and a group keeps its best iterate, so each group's
+error is at most RTN's on the same grid. Needs no calibration data.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..config import GridConfig, Strict
+from ..encodings import Planes
+from ..errors import WeightsmithError
+from . import grid as G
+from .registry import register
+
+MAX_BITS = 4  # the fit enumerates the 2^bits levels of every group
+
+
+class HLQConfig(Strict):
+    name: Literal["hlq"] = "hlq"
+    iters: int = Field(12, ge=1, le=200, description="alternations of code assignment and least-squares plane scales")
+
+
+def _bitmat(bits: int, device) -> torch.Tensor:
+    codes = torch.arange(2**bits, device=device)
+    return ((codes[:, None] >> torch.arange(bits, device=device)) & 1).double()  # (L, bits)
+
+
+def _assign(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Code of the nearest level of every weight: x (n, gs), levels (n, L) → (n, gs) int64 (a binary
+    search among each group's sorted levels: no (n, gs, L) distance tensor)."""
+    order = levels.argsort(1)
+    srt = levels.gather(1, order)
+    mid = ((srt[:, 1:] + srt[:, :-1]) / 2).contiguous()
+    return order.gather(1, torch.searchsorted(mid, x.contiguous()))
+
+
+def fit_groups(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HLQ of ``n`` groups, the rows of ``x`` (n, gs), started from the uniform grid ``scale``, ``zero``
+    (n,). Returns ``(plane_scale (n, bits), offset (n,), codes (n, gs))``, float64 / int64."""
+    x = x.double()
+    B = _bitmat(bits, x.device)
+    ps = scale.double()[:, None] * (2.0 ** torch.arange(bits, device=x.device, dtype=torch.float64))
+    off = -zero.double() * scale.double()
+    theta = torch.cat([off[:, None], ps], 1)  # (n, bits + 1)
+    design = torch.cat([torch.ones(B.shape[0], 1, dtype=torch.float64, device=x.device), B], 1)  # (L, bits + 1)
+
+    def evaluate(th):
+        lv = th @ design.T  # (n, L)
+        c = _assign(x, lv)
+        err = ((x - lv.gather(1, c)) ** 2).sum(1)
+        return c, err
+
+    codes, best = evaluate(theta)
+    eye = torch.eye(bits + 1, dtype=torch.float64, device=x.device)
+    for _ in range(iters):
+        onehot_counts = torch.zeros(x.shape[0], design.shape[0], dtype=torch.float64, device=x.device)
+        onehot_counts.scatter_add_(1, codes, torch.ones_like(x))
+        sums = torch.zeros_like(onehot_counts).scatter_add_(1, codes, x)
+        A = torch.einsum("nl,la,lb->nab", onehot_counts, design, design)  # DᵀD per group, from the level counts
+        rhs = sums @ design  # Dᵀx
+        ridge = 1e-9 * A.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
+        new = torch.linalg.solve(A + ridge * eye, rhs[..., None])[..., 0]
+        c_new, err = evaluate(new)
+        better = err < best
+        theta = torch.where(better[:, None], new, theta)
+        codes = torch.where(better[:, None], c_new, codes)
+        best = torch.where(better, err, best)
+        if not bool(better.any()):
+            break
+    return theta[:, 1:], theta[:, 0], codes
+
+
+def hlq_quantize(w: torch.Tensor, grid: GridConfig, iters: int = 12) -> tuple[torch.Tensor, Planes, dict]:
+    """The HLQ weight of ``w`` (out, in), its :class:`Planes` encoding and the fit's statistics."""
+    if not 1 <= grid.bits <= MAX_BITS:
+        raise WeightsmithError(f"hlq fits 1 to {MAX_BITS} bits (it enumerates every level of a group), not {grid.bits}")
+    w = w.float()
+    rows, cols = w.shape
+    scale, zero, _ = G.grouped_params(w, grid)  # the RTN start, as the grid config says (clip search included)
+    gs = cols if grid.group_size == -1 else grid.group_size
+    full = cols // gs
+    ps_parts, off_parts, code_parts = [], [], []
+    spans = [(0, full * gs, full)] if full else []
+    if cols % gs:
+        spans.append((full * gs, cols, 1))
+    g0 = 0
+    for a, b, ng in spans:
+        x = w[:, a:b].reshape(rows * ng, (b - a) // ng)
+        ps, off, codes = fit_groups(x, scale[:, g0 : g0 + ng].reshape(-1), zero[:, g0 : g0 + ng].reshape(-1).float(), grid.bits, iters)
+        ps_parts.append(ps.float().reshape(rows, ng, grid.bits))
+        off_parts.append(off.float().reshape(rows, ng))
+        code_parts.append(codes.reshape(rows, b - a))
+        g0 += ng
+    enc = Planes(grid.bits, grid.group_size, torch.cat(ps_parts, 1), torch.cat(off_parts, 1))
+    # the dense weight from the stored float32 parameters (what a reader recomputes), code by code
+    levels = enc.levels()  # (out, n_groups, L)
+    codes = torch.cat(code_parts, 1)
+    dense = torch.empty_like(w)
+    if full:
+        dense[:, : full * gs] = levels[:, :full].gather(2, codes[:, : full * gs].reshape(rows, full, gs)).reshape(rows, full * gs)
+    if cols % gs:
+        dense[:, full * gs :] = levels[:, full].gather(1, codes[:, full * gs :])
+    rtn = G.dequantize_groups(w, scale, zero, torch.arange(cols, device=w.device) // gs, grid.bits)
+    wn = float((w**2).sum().clamp_min(1e-30))
+    info = {"weight_error": float(((dense - w) ** 2).sum()) / wn, "rtn_weight_error": float(((rtn - w) ** 2).sum()) / wn}
+    return dense, enc, info
+
+
+@register("hlq", HLQConfig, kind="quantizer", produces=("planes",))
+def quantize(state, cfg: HLQConfig, ctx) -> None:
+    """Hierarchical linear levels (ELUTQ's HLQ): a free scale per bit plane and group, data-free."""
+    w, enc, info = hlq_quantize(state.W, state.grid, cfg.iters)
+    mask = state.mask
+    state.add(enc, w if mask is None else w * mask, info)
