@@ -313,3 +313,71 @@ def test_pack_refuses_qparams_the_layout_cannot_hold():
         lut.pack(q, torch.full((64, 4), 1e-7), zero, gi, 4)
     with pytest.raises(ValueError, match="float16"):
         lut.pack(q, torch.full((64, 4), 1e6), zero, gi, 4)
+
+
+# ---- HLQ layers (free per-plane scales, lut.pack_planes): the planes kernel, same properties
+PLANE_CASES = [(64, 128, 32), (77, 192, 64), (9, 1000, -1), (65, 70, 32), (3, 36, 4)]
+
+
+def _planes_layer(N, K, bits, gs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gsz = K if gs == -1 else gs
+    ng = -(-K // gsz)
+    gi = torch.arange(K) // gsz
+    q = torch.randint(0, 2**bits, (N, K), generator=g, dtype=torch.int32)
+    sign = torch.where(torch.rand(N, ng, bits, generator=g) < 0.2, -1.0, 1.0)  # a least-squares fit may flip a plane
+    ps = ((torch.rand(N, ng, bits, generator=g) * 0.05 + 0.005) * sign).half().float()
+    off = torch.randn(N, ng, generator=g) * 0.01
+    bitsq = torch.stack([((q >> i) & 1).float() for i in range(bits)], -1)  # (N, K, bits)
+    w = off[:, gi] + (bitsq * ps[:, gi, :]).sum(-1)
+    return lut.pack_planes(q, ps, off, gs, bits), w
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("case", PLANE_CASES)
+def test_planes_pack_roundtrip_and_kernel(bits, case):
+    N, K, gs = case
+    p, w = _planes_layer(N, K, bits, gs, seed=bits)
+    assert p.planes and p.scale.shape[2] == bits
+    assert torch.allclose(lut.unpack(p), w, atol=1e-6, rtol=0)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(7))
+    exact = x.double() @ w.double().T
+    mag = x.double().abs() @ w.double().abs().T
+    for passes in (1, 2):
+        em = lut.emulate(p, x, passes)
+        bound = lut.error_bound(p, x, passes)
+        assert ((em - exact).abs() <= bound * (1 + 1e-5) + 1e-6).all()
+        if LIB is not None:
+            for threads in (1, 2):
+                y = lut.lut_gemm(p, x, threads=threads, passes=passes).double()
+                assert ((y - em).abs() <= 2e-6 * mag + 1e-6).all(), (y - em).abs().max()
+                assert ((y - exact).abs() <= bound * (1 + 1e-5) + 2e-6 * mag + 1e-6).all()
+
+
+def test_hlq_checkpoint_runs_on_the_kernel(tmp_path):
+    """An `hlq` output directory loads onto the kernel (codes read back from the dense weights and the
+    planes parameters) and gives the dequantized model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from weightsmith.kernels.runtime import load_lut_model
+
+    src = save_pico(tmp_path / "src", "llama", layers=2)
+    weightsmith.quantize(src, {"method": "hlq", "grid": {"bits": 3, "group_size": 32}}, out=tmp_path / "q", progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    model, _, info = load_lut_model(tmp_path / "q")
+    assert info["quantized_layers"] == 14 and info["float_layers_kept"] == 0 and info["hlq"] and info["bits"] == 3
+    assert all(m.packed.planes for m in model.modules() if isinstance(m, LutLinear))
+    ids = calib_ids(1, 24)
+    with torch.no_grad():
+        a = ref(ids).logits
+        for m in model.modules():
+            if isinstance(m, LutLinear):
+                m.use_kernel = False
+        c = model(ids).logits  # the unpacked weights: equal up to the fp16 plane scales
+        assert (a - c).abs().max() < 2e-3 * a.abs().max()
+        if lut.available():
+            for m in model.modules():
+                if isinstance(m, LutLinear):
+                    m.use_kernel = True
+            b = model(ids).logits
+            assert (b - c).abs().max() < 2e-3 * c.abs().max()

@@ -385,6 +385,40 @@ class QuantizedCheckpoint:
             raise WeightsmithError(f"layer {name}: weights outside its sparsity mask are not zero (corrupt qparams or a modified checkpoint)")
         return QuantLayer(name, qf.to(torch.int32), scale, zero, g_idx, grid.bits, w_raw.dtype, grid.group_size, grid.sym)
 
+    def planes(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None:
+        """An HLQ layer's ``(codes int32 (out, in), plane_scale (out, groups, bits), offset (out, groups),
+        group_size, bits)``, the codes read back as each weight's level (None: the layer has no planes
+        encoding). Refused when a weight is farther than 5 % of its group's smallest level gap from
+        every level (the checkpoint was modified)."""
+        from ..encodings import Planes
+
+        enc = next((e for e in self._enc.get(name, []) if e["kind"] == "planes"), None)
+        if enc is None:
+            return None
+        bits, gs = int(enc["bits"]), int(enc["group_size"])
+        ps = self._qget(f"{name}.plane_scale").float()
+        off = self._qget(f"{name}.plane_offset").float()
+        w = self.source.get(f"{name}.weight").float()
+        cols = w.shape[-1] if w.ndim == 2 else -1
+        g = cols if gs == -1 else gs
+        if (w.ndim != 2 or not 1 <= bits <= 8 or g <= 0 or ps.shape != (w.shape[0], -(-cols // g), bits)
+                or off.shape != ps.shape[:2]):
+            raise WeightsmithError(f"layer {name}: weight {tuple(w.shape)} does not match its planes parameters "
+                                   f"(plane_scale {tuple(ps.shape)}, plane_offset {tuple(off.shape)}, {bits} bits, group {gs})")
+        levels = Planes(bits, gs, ps, off).levels()  # (out, groups, L)
+        srt = levels.sort(-1).values
+        gap = (srt[..., 1:] - srt[..., :-1]).amin(-1).clamp_min(1e-30) if levels.shape[-1] > 1 else srt[..., 0].abs() + 1
+        codes = torch.empty(w.shape, dtype=torch.int32)
+        for k in range(levels.shape[1]):
+            sl = slice(k * g, min(cols, (k + 1) * g))
+            d = (w[:, sl, None] - levels[:, k, None, :]).abs()
+            dist, c = d.min(-1)
+            if not torch.isfinite(dist).all() or bool((dist > OFF_GRID_TOL * gap[:, k, None]).any()):
+                raise WeightsmithError(f"layer {name}: the weights are not on the levels of its planes parameters "
+                                       "(was the checkpoint modified after quantization?)")
+            codes[:, sl] = c.to(torch.int32)
+        return codes, ps, off, gs, bits
+
     def other_keys(self) -> list[str]:
         """Checkpoint tensors that are not quantized weights (embeddings, norms, biases, head)."""
         qw = {f"{n}.weight" for n in self.layers}

@@ -51,6 +51,7 @@ class LutLinear(nn.Module):
         self.register_buffer("w_scale", packed.scale, persistent=False)
         self.register_buffer("w_zero2", packed.zero2, persistent=False)
         self.register_buffer("perm", packed.perm, persistent=False)
+        self.register_buffer("w_zc", packed.zc, persistent=False)  # HLQ layers only
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
         self.use_kernel = use_kernel
         self.threads: int | None = None  # None: the module-wide setting (set_num_threads)
@@ -70,8 +71,9 @@ class LutLinear(nn.Module):
         b = self.bias
         if b is not None and b.dtype != torch.float32:
             self.bias = b = b.float()
-        self._call = (lib.ws_lut_gemm,
-                      (self.w_packed.data_ptr(), self.w_scale.data_ptr(), self.w_zero2.data_ptr(), self.perm.data_ptr() if self.perm.numel() else None,
+        fn, third = (lib.ws_lut_gemm_planes, self.w_zc) if self.w_zc is not None else (lib.ws_lut_gemm, self.w_zero2)
+        self._call = (fn,
+                      (self.w_packed.data_ptr(), self.w_scale.data_ptr(), third.data_ptr(), self.perm.data_ptr() if self.perm.numel() else None,
                        b.data_ptr() if b is not None else None),
                       (self.w_scale.shape[1] * self.group, self.group, self.block, self.bits))
 
@@ -80,10 +82,16 @@ class LutLinear(nn.Module):
         """From a :class:`weightsmith.export.common.QuantLayer` (integer codes + qparams)."""
         return cls(lut.pack(layer.q, layer.scale, layer.zero, layer.g_idx, layer.bits), bias, **kw)
 
+    @classmethod
+    def from_planes(cls, q: torch.Tensor, plane_scale: torch.Tensor, offset: torch.Tensor, group_size: int, bits: int,
+                    bias: torch.Tensor | None = None, **kw) -> "LutLinear":
+        """An HLQ layer (:class:`weightsmith.encodings.Planes`: codes, per-plane scales, offsets)."""
+        return cls(lut.pack_planes(q, plane_scale, offset, group_size, bits), bias, **kw)
+
     @property
     def packed(self) -> lut.PackedLayer:
         return lut.PackedLayer(self.w_packed, self.w_scale, self.w_zero2, self.perm, self.out_features, self.in_features,
-                               self.group, self.block, self.bits)
+                               self.group, self.block, self.bits, zc=self.w_zc)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight (out, in), unpacked from the kernel layout."""

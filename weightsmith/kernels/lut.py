@@ -32,7 +32,7 @@ log = logging.getLogger("weightsmith")
 TILE = 64
 MAX_BLOCK = 64
 SRC = Path(__file__).parent / "csrc" / "lut_gemv.cpp"
-ABI_VERSION = 8
+ABI_VERSION = 9
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fopenmp"]
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
 
@@ -51,6 +51,13 @@ class PackedLayer:
     group: int  # G: packed columns per group (multiple of 4)
     block: int  # S: activations per table scale (divides G, <= 64)
     bits: int
+    # HLQ layers (pack_planes): ``scale`` is float16 [tiles][groups][bits][64], one scale per bit plane,
+    # ``zero2`` is empty and ``zc`` float32 [tiles][groups][64] = offset + sum_i scale_i / 2
+    zc: torch.Tensor | None = None
+
+    @property
+    def planes(self) -> bool:
+        return self.zc is not None
 
     @property
     def kp(self) -> int:
@@ -72,7 +79,7 @@ class PackedLayer:
         return (self.out_features + TILE - 1) // TILE
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.zero2, self.perm))
+        return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.zero2, self.perm, *([self.zc] if self.planes else [])))
 
     @property
     def zcs(self) -> torch.Tensor:
@@ -117,16 +124,11 @@ def _block_size(G: int, limit: int = MAX_BLOCK) -> int:
     return max(s for s in range(4, min(limit, MAX_BLOCK) + 1, 4) if G % s == 0)
 
 
-def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, bits: int,
-         max_block: int | None = None) -> PackedLayer:
-    """Repack integer codes ``q`` (out, in) with per-group ``scale``/``zero`` (out, n_groups) and
-    ``g_idx`` (in,) into bit planes for the kernel: ``w = (q - zero[:, g_idx]) * scale[:, g_idx]``."""
+def _pack_codes(q: torch.Tensor, g_idx: torch.Tensor, bits: int, ng: int, max_block: int | None):
+    """The codes in the kernel's bit-plane layout: ``(w, perm, G, S, tiles)``."""
     if not 1 <= bits <= 4:
         raise ValueError(f"the lookup-table kernel handles 1 to 4 bits, not {bits}")
     N, K = q.shape
-    ng = scale.shape[1]
-    if zero.shape != scale.shape or g_idx.shape != (K,) or scale.shape[0] != N:
-        raise ValueError(f"inconsistent qparams: q {tuple(q.shape)}, scale {tuple(scale.shape)}, zero {tuple(zero.shape)}, g_idx {tuple(g_idx.shape)}")
     gi = g_idx.long()
     counts = torch.bincount(gi, minlength=ng)
     G = max(4, (int(counts.max()) + 3) // 4 * 4) if K else 4
@@ -149,18 +151,52 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.
     nib = torch.stack(nibs).view(bits, T, TILE, nb, F)
     rl, pl, rh, ph = _chunk_map(bits)
     w = (nib[pl, :, rl] | (nib[ph, :, rh] << 4)).permute(1, 2, 3, 0).contiguous()  # (T, nb, F, bits * 32)
-    sc = torch.zeros(Np, ng, dtype=torch.float16)
-    sc[:N] = _fp16_scales(scale)
+    if Kp == K and torch.equal(perm, torch.arange(K, dtype=torch.int32)):
+        perm = perm[:0]  # no act-order, no padding: the kernel reads the activations as they are
+    return w.view(-1), perm, G, S, T
+
+
+def _tiled(t: torch.Tensor, T: int) -> torch.Tensor:
+    """(N, groups, *rest) → [tiles][groups][*rest][64], rows padded with zeros to whole tiles."""
+    N, ng, rest = t.shape[0], t.shape[1], t.shape[2:]
+    pad = torch.zeros(T * TILE, ng, *rest, dtype=t.dtype)
+    pad[:N] = t
+    pad = pad.view(T, TILE, ng, *rest)
+    return pad.permute(0, 2, *range(3, 3 + len(rest)), 1).contiguous()
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, bits: int,
+         max_block: int | None = None) -> PackedLayer:
+    """Repack integer codes ``q`` (out, in) with per-group ``scale``/``zero`` (out, n_groups) and
+    ``g_idx`` (in,) into bit planes for the kernel: ``w = (q - zero[:, g_idx]) * scale[:, g_idx]``."""
+    N, K = q.shape
+    ng = scale.shape[1]
+    if zero.shape != scale.shape or g_idx.shape != (K,) or scale.shape[0] != N:
+        raise ValueError(f"inconsistent qparams: q {tuple(q.shape)}, scale {tuple(scale.shape)}, zero {tuple(zero.shape)}, g_idx {tuple(g_idx.shape)}")
+    w, perm, G, S, T = _pack_codes(q, g_idx, bits, ng, max_block)
     z2 = 2 * zero.double() - (2**bits - 1)
     if not torch.equal(z2, z2.round()) or z2.abs().max() > 127:
         raise ValueError("the lookup-table kernel stores zero points as half-integers in int8; "
                          f"this layer's zero points are not (range {float(zero.min())} .. {float(zero.max())})")
-    zp = torch.zeros(Np, ng, dtype=torch.int8)
-    zp[:N] = z2.to(torch.int8)
-    lay = lambda t: t.view(T, TILE, ng).permute(0, 2, 1).contiguous()  # noqa: E731
-    if Kp == K and torch.equal(perm, torch.arange(K, dtype=torch.int32)):
-        perm = perm[:0]  # no act-order, no padding: the kernel reads the activations as they are
-    return PackedLayer(w.view(-1), lay(sc), lay(zp), perm, N, K, G, S, bits)
+    return PackedLayer(w, _tiled(_fp16_scales(scale), T), _tiled(z2.to(torch.int8), T), perm, N, K, G, S, bits)
+
+
+def pack_planes(q: torch.Tensor, plane_scale: torch.Tensor, offset: torch.Tensor, group_size: int, bits: int,
+                max_block: int | None = None) -> PackedLayer:
+    """An HLQ layer (``w = offset[:, g] + Σ_i plane_scale[:, g, i] · bit_i(q)``, natural groups of
+    ``group_size`` columns, -1 one per row) in the kernel's layout: the codes as for :func:`pack`,
+    one fp16 scale per plane, and ``zc = offset + Σ_i scale_i / 2`` (the centred tables' constant)."""
+    N, K = q.shape
+    ng = offset.shape[1]
+    if plane_scale.shape != (N, ng, bits) or offset.shape[0] != N:
+        raise ValueError(f"inconsistent HLQ parameters: q {tuple(q.shape)}, plane_scale {tuple(plane_scale.shape)}, offset {tuple(offset.shape)}")
+    gs = K if group_size == -1 else group_size
+    g_idx = (torch.arange(K) // gs).to(torch.int32)
+    w, perm, G, S, T = _pack_codes(q, g_idx, bits, ng, max_block)
+    ps16 = _fp16_scales(plane_scale)
+    zc = offset.double() + 0.5 * ps16.double().sum(-1)
+    return PackedLayer(w, _tiled(ps16, T), torch.zeros(0, dtype=torch.int8), perm, N, K, G, S, bits,
+                       zc=_tiled(zc.float(), T))
 
 
 def _fp16_scales(scale: torch.Tensor) -> torch.Tensor:
@@ -174,22 +210,39 @@ def _fp16_scales(scale: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def _plane_weights(p: PackedLayer) -> torch.Tensor:
+    """(bits, rows padded to 64, groups) float64: what each bit plane's lookups are scaled by — ``2^i ·
+    scale`` on a uniform grid, the plane's own scale in an HLQ layer."""
+    Np, ng = p.tiles * TILE, p.n_groups
+    if p.planes:
+        return p.scale.double().permute(2, 0, 3, 1).reshape(p.bits, Np, ng)
+    sc = p.scale.double().permute(0, 2, 1).reshape(Np, ng)
+    return torch.stack([sc * 2**i for i in range(p.bits)])
+
+
+def _zero_coef(p: PackedLayer) -> torch.Tensor:
+    """(rows padded to 64, groups) float64: the coefficient of each group's activation sum, so that
+    ``y = Σ_i plane_weight_i · T_i + zero_coef · Σa`` with the centred tables ``T_i = Σ (bit − ½) a``."""
+    Np, ng = p.tiles * TILE, p.n_groups
+    if p.planes:
+        return p.zc.double().permute(0, 2, 1).reshape(Np, ng)
+    return -p.zcs.double().permute(0, 2, 1).reshape(Np, ng)
+
+
 def unpack(p: PackedLayer) -> torch.Tensor:
     """The dequantized float32 weight (out, in), read back from the packed form (the reference path)."""
-    T, ng, G = p.tiles, p.n_groups, p.group
-    Np = T * TILE
+    G = p.group
+    Np = p.tiles * TILE
     nib = _nibbles(p)
-    code = torch.zeros(Np, p.kp, dtype=torch.float32)
+    pw = _plane_weights(p)
+    wp = (_zero_coef(p) - 0.5 * pw.sum(0)).repeat_interleave(G, 1)
     for i in range(p.bits):
         bit = torch.stack([(nib[i] >> b) & 1 for b in range(4)], -1).reshape(Np, p.kp)
-        code += bit.float() * 2**i
-    sc = p.scale.float().permute(0, 2, 1).reshape(Np, ng).repeat_interleave(G, 1)
-    zc = p.zcs.permute(0, 2, 1).reshape(Np, ng).repeat_interleave(G, 1)
-    wp = code * sc - (zc + (2**p.bits - 1) / 2 * sc)
+        wp = wp + bit.double() * pw[i].repeat_interleave(G, 1)
     out = torch.zeros(p.out_features, p.in_features, dtype=torch.float32)
     cols = p.columns()
     valid = cols >= 0
-    out[:, cols[valid].long()] = wp[: p.out_features, valid]
+    out[:, cols[valid].long()] = wp[: p.out_features, valid].float()
     return out
 
 
@@ -232,20 +285,17 @@ def emulate(p: PackedLayer, x: torch.Tensor, passes: int = 1) -> torch.Tensor:
     from the kernel only by float rounding of the final sums."""
     tqs, lss, asum = tables(p, x, passes)
     M = x.shape[0]
-    T, nb, F, ng = p.tiles, p.kp // p.block, p.block // 4, p.n_groups
+    T, nb, F = p.tiles, p.kp // p.block, p.block // 4
     Np, nq = T * TILE, p.kp // 4
     nib = _nibbles(p).long()
-    sc = p.scale.permute(0, 2, 1).reshape(Np, ng).double()
-    zc = p.zcs.permute(0, 2, 1).reshape(Np, ng).double()
-    scb = sc.repeat_interleave(p.group // p.block, 1)  # (Np, nb)
-    y = -(asum @ zc.T)
+    pw = _plane_weights(p).repeat_interleave(p.group // p.block, 2)  # (bits, Np, nb)
+    y = asum @ _zero_coef(p).T
     for tq, ls in zip(tqs, lss):
-        isum = torch.zeros(M, Np, nb, dtype=torch.int64)
         tqe = tq.long().unsqueeze(1).expand(M, Np, nq, 16)
         for i in range(p.bits):
             look = tqe.gather(-1, nib[i].unsqueeze(0).expand(M, Np, nq).unsqueeze(-1)).squeeze(-1)  # (M, Np, nq)
-            isum += look.view(M, Np, nb, F).sum(-1) << i
-        y = y + (isum.double() * scb.unsqueeze(0) * ls.double().unsqueeze(1)).sum(-1)
+            isum = look.view(M, Np, nb, F).sum(-1)  # exact integers
+            y = y + (isum.double() * pw[i].unsqueeze(0) * ls.double().unsqueeze(1)).sum(-1)
     return y[:, : p.out_features]
 
 
@@ -254,10 +304,8 @@ def error_bound(p: PackedLayer, x: torch.Tensor, passes: int = 1) -> torch.Tenso
     matmul from rounding the tables (each entry is off by at most half a step of its last pass)."""
     _, lss, _ = tables(p, x, passes)
     ls = lss[-1]
-    T, ng, nb = p.tiles, p.n_groups, p.kp // p.block
-    sc = p.scale.permute(0, 2, 1).reshape(T * TILE, ng).double().abs().repeat_interleave(p.group // p.block, 1)
-    per = 0.5 * (2**p.bits - 1) * (p.block // 4)
-    return (ls.double() @ sc.T)[:, : p.out_features] * per
+    wsum = _plane_weights(p).abs().sum(0).repeat_interleave(p.group // p.block, 1)  # (Np, nb): Σ_i |plane weight|
+    return (ls.double() @ wsum.T)[:, : p.out_features] * (0.5 * (p.block // 4))
 
 
 # ----------------------------------------------------------------------------------- library
@@ -314,6 +362,8 @@ def _open(path: Path):
     vp, i64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.ws_lut_gemm.argtypes = [vp] * 7 + [i64] * 6 + [ci] * 4
     lib.ws_lut_gemm.restype = ci
+    lib.ws_lut_gemm_planes.argtypes = [vp] * 7 + [i64] * 6 + [ci] * 4
+    lib.ws_lut_gemm_planes.restype = ci
     lib.ws_lut_tables.argtypes = [vp, vp, i64, i64, i64, ci, ci, vp, vp, vp]
     lib.ws_lut_tables.restype = None
     lib.ws_lut_isa.restype = ci
@@ -438,9 +488,14 @@ def lut_gemm(p: PackedLayer, x: torch.Tensor, bias: torch.Tensor | None = None, 
     M = x.shape[0]
     y = torch.empty(M, p.out_features, dtype=torch.float32)
     b = bias.to(torch.float32).contiguous() if bias is not None else None
-    rc = lib.ws_lut_gemm(p.w.data_ptr(), p.scale.data_ptr(), p.zero2.data_ptr(), p.perm_ptr(),
-                         b.data_ptr() if b is not None else None, x.data_ptr(), y.data_ptr(),
-                         M, p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, int(passes), int(threads), int(isa))
+    if p.planes:  # HLQ: the AVX2 planes kernel (isa ignored)
+        rc = lib.ws_lut_gemm_planes(p.w.data_ptr(), p.scale.data_ptr(), p.zc.data_ptr(), p.perm_ptr(),
+                                    b.data_ptr() if b is not None else None, x.data_ptr(), y.data_ptr(),
+                                    M, p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, int(passes), int(threads), 1)
+    else:
+        rc = lib.ws_lut_gemm(p.w.data_ptr(), p.scale.data_ptr(), p.zero2.data_ptr(), p.perm_ptr(),
+                             b.data_ptr() if b is not None else None, x.data_ptr(), y.data_ptr(),
+                             M, p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, int(passes), int(threads), int(isa))
     if rc != 0:
         raise RuntimeError(f"ws_lut_gemm failed ({'bad arguments' if rc == -1 else 'instruction set not supported by this CPU'})")
     return y

@@ -28,7 +28,8 @@ def swap_quantized_layers(model: nn.Module, ckpt, use_kernel: bool = True) -> di
     by a :class:`LutLinear`; returns counts and byte sizes. Layers that are not ``nn.Linear``
     (GPT-2's ``Conv1D``) or whose bit width the kernel does not handle stay in float."""
     swapped, kept, packed_bytes, float_bytes = 0, [], 0, 0
-    for name in ckpt.layers:
+    planes = [n for n in ckpt.encoded if n not in ckpt.layers and any(e["kind"] == "planes" for e in ckpt.encodings(n))]
+    for name in sorted([*ckpt.layers, *planes]):
         try:
             mod = model.get_submodule(name)
         except AttributeError:
@@ -37,12 +38,17 @@ def swap_quantized_layers(model: nn.Module, ckpt, use_kernel: bool = True) -> di
         if type(mod) is not nn.Linear:
             kept.append(f"{name} ({type(mod).__name__}, not nn.Linear)")
             continue
-        if not 1 <= ckpt.bits <= 4:
-            kept.append(f"{name} ({ckpt.bits} bits; the kernel handles 1-4)")
+        grid = ckpt.grid(name)
+        bits = grid.bits if grid is not None else next(int(e["bits"]) for e in ckpt.encodings(name) if e["kind"] == "planes")
+        if not 1 <= bits <= 4:
+            kept.append(f"{name} ({bits} bits; the kernel handles 1-4)")
             continue
-        layer = ckpt.layer(name)
         try:
-            new = LutLinear.from_quant_layer(layer, mod.bias, use_kernel=use_kernel)
+            if grid is not None:
+                new = LutLinear.from_quant_layer(ckpt.layer(name), mod.bias, use_kernel=use_kernel)
+            else:
+                q, ps, off, gs, b = ckpt.planes(name)
+                new = LutLinear.from_planes(q, ps, off, gs, b, mod.bias, use_kernel=use_kernel)
         except ValueError as e:  # qparams the kernel layout cannot hold exactly (see lut.pack)
             kept.append(f"{name} ({e})")
             continue
@@ -116,8 +122,16 @@ def load_lut_model(path: str | Path, use_kernel: bool = True):
     model, tok = load_float(path)
     with ckpt:
         info = swap_quantized_layers(model, ckpt, use_kernel=use_kernel)
-    info.update(bits=ckpt.bits, group_size=ckpt.group_size, **kernel_info())
+    info.update(_scheme(ckpt), **kernel_info())
     return model, tok, info
+
+
+def _scheme(ckpt) -> dict:
+    """``bits`` and ``group_size`` when every quantized layer has the same (grid or HLQ planes), else None."""
+    kinds = {(e["kind"], int(e["bits"]), int(e["group_size"])) for n in ckpt.encoded for e in ckpt.encodings(n)
+             if e["kind"] in ("grid", "planes")}
+    (_, bits, gs), = kinds if len(kinds) == 1 else ((None, None, None),)
+    return {"bits": bits, "group_size": gs, "hlq": any(k == "planes" for k, _, _ in kinds)}
 
 
 def kernel_info() -> dict:
@@ -216,7 +230,7 @@ def bench_kernel(path: str | Path, threads: int | None = None, prompt_tokens: in
     ckpt = QuantizedCheckpoint(path)
     model, tok = load_float(path)
     ids = prompt_ids(tok, prompt_tokens, model.config.vocab_size)
-    res = {"model": str(path), "bits": ckpt.bits, "group_size": ckpt.group_size, "threads": threads, "table_passes": passes,
+    res = {"model": str(path), **_scheme(ckpt), "threads": threads, "table_passes": passes,
            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "head_dtype": set_head_dtype(model, head_dtype)}
 
     def timed(tag):

@@ -251,8 +251,9 @@ void build_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, in
 
 struct Args {
     const uint8_t* w;
-    const uint16_t* scale;  // fp16
-    const int8_t* z2;
+    const uint16_t* scale;  // fp16; planes: [tile][group][bits][64] one scale per bit plane
+    const int8_t* z2;       // uniform grid only
+    const float* zc;        // planes only: [tile][group][64] the coefficient of the group's activation sum
     int64_t N, Kp, G, S;
     int bits, passes;
 };
@@ -347,6 +348,68 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const Args& A, int64_t t
     for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64 + 8 * k, o[k]);
 }
 
+// Hierarchical linear levels (HLQ): w = offset + sum_i s_i bit_i, each plane with its own fp16 scale
+// per row and group. The planes are not combined in int16 (their weights are not powers of two):
+// vpmaddubsw with (1, 0) and (0, 1) keeps each plane of a pair in its own int16 accumulators (|acc| <=
+// 16 * 127 per block), flushed with s_i * lut_scale; the offset and the centring go into one float
+// coefficient per row and group, zc = offset + sum_i s_i / 2, times the group's activation sum.
+// AVX2 only (an AVX-512 CPU runs it too).
+__attribute__((target("avx2,fma,f16c"))) void tile_avx2_planes(const Args& A, int64_t tile, const int8_t* tab, const float* ls,
+                                                          const float* asum, float* out64) {
+    const int64_t ng = A.Kp / A.G, bpg = A.G / A.S, F = A.S / 4, nb = A.Kp / A.S;
+    const int bits = A.bits, npairs = bits / 2, odd = bits & 1, qbytes = bits * 32;
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i w10 = _mm256_set1_epi16(1), w01 = _mm256_set1_epi16(1 << 8);
+    __m256 o[8];
+    for (int k = 0; k < 8; ++k) o[k] = _mm256_setzero_ps();
+    const uint8_t* w = A.w + tile * nb * F * qbytes;
+    for (int64_t g = 0; g < ng; ++g) {
+        const uint16_t* sc = A.scale + (tile * ng + g) * bits * TILE;
+        for (int64_t bb = 0; bb < bpg; ++bb) {
+            const int64_t b = g * bpg + bb;
+            for (int ps = 0; ps < A.passes; ++ps) {
+                const int8_t* tb = tab + (ps * A.Kp / 4 + b * F) * 32;
+                const uint8_t* wb = w;
+                __m256i acc[4][4];
+                for (int i = 0; i < 4; ++i)
+                    for (int a = 0; a < 4; ++a) acc[i][a] = _mm256_setzero_si256();
+                for (int64_t f = 0; f < F; ++f) {
+                    const __m256i t = _mm256_loadu_si256((const __m256i*)(tb + f * 32));
+                    for (int pp = 0; pp < npairs; ++pp) {
+                        const __m256i va = _mm256_loadu_si256((const __m256i*)wb);
+                        const __m256i vb = _mm256_loadu_si256((const __m256i*)(wb + 32));
+                        const __m256i l0 = _mm256_shuffle_epi8(t, _mm256_and_si256(va, mask));
+                        const __m256i l1 = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(va, 4), mask));
+                        const __m256i l2 = _mm256_shuffle_epi8(t, _mm256_and_si256(vb, mask));
+                        const __m256i l3 = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(vb, 4), mask));
+                        __m256i* ae = acc[2 * pp];
+                        __m256i* ao = acc[2 * pp + 1];
+                        ae[0] = _mm256_add_epi16(ae[0], _mm256_maddubs_epi16(w10, l0));
+                        ao[0] = _mm256_add_epi16(ao[0], _mm256_maddubs_epi16(w01, l0));
+                        ae[1] = _mm256_add_epi16(ae[1], _mm256_maddubs_epi16(w10, l1));
+                        ao[1] = _mm256_add_epi16(ao[1], _mm256_maddubs_epi16(w01, l1));
+                        ae[2] = _mm256_add_epi16(ae[2], _mm256_maddubs_epi16(w10, l2));
+                        ao[2] = _mm256_add_epi16(ao[2], _mm256_maddubs_epi16(w01, l2));
+                        ae[3] = _mm256_add_epi16(ae[3], _mm256_maddubs_epi16(w10, l3));
+                        ao[3] = _mm256_add_epi16(ao[3], _mm256_maddubs_epi16(w01, l3));
+                        wb += 64;
+                    }
+                    if (odd) {
+                        single_avx2(t, wb, mask, w10, w01, acc[bits - 1]);
+                        wb += 32;
+                    }
+                }
+                for (int i = 0; i < bits; ++i) flush(acc[i], sc + i * TILE, ls[ps * nb + b], o);
+            }
+            w += F * qbytes;
+        }
+        const float* zc = A.zc + (tile * ng + g) * TILE;
+        const __m256 s = _mm256_set1_ps(asum[g]);
+        for (int k = 0; k < 8; ++k) o[k] = _mm256_fmadd_ps(_mm256_loadu_ps(zc + 8 * k), s, o[k]);
+    }
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64 + 8 * k, o[k]);
+}
+
 // ---------------------------------------------------------------- AVX-512 (BW)
 // A plane pair's 64-byte chunk in one zmm: the quad's table broadcast to the 4 lanes; low nibbles
 // give rows 0-15 (lanes 0-1) and 32-47 (lanes 2-3), high nibbles rows 16-31 and 48-63.
@@ -433,7 +496,7 @@ struct Scratch {
 
 extern "C" {
 
-int ws_lut_abi_version() { return 8; }
+int ws_lut_abi_version() { return 9; }
 
 // 1 when built with OpenMP (the kernel shares torch's OpenMP threads), 0 with its own thread pool.
 int ws_lut_openmp() {
@@ -469,7 +532,7 @@ void ws_lut_tables(const float* x, const int32_t* perm, int64_t Kp, int64_t G, i
 
 // y[M, N] = x[M, K] (gathered through perm [Kp]; null: the identity, Kp == K) times the packed weight, + bias (may be null).
 // Returns 0 on success, negative on bad arguments / unsupported isa.
-int ws_lut_gemm(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const int32_t* perm, const float* bias,
+static int gemm(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const float* zcoef, const int32_t* perm, const float* bias,
                 const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t Kp, int64_t G, int64_t S, int bits,
                 int passes, int threads, int isa) {
     if (passes < 1 || passes > 2 || bits < 1 || bits > 4 || G <= 0 || S <= 0 || S % 4 || G % S || Kp % G || S > MAX_BLOCK || M < 0 || N < 0)
@@ -487,7 +550,8 @@ int ws_lut_gemm(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const
     for (int64_t m = 0; m < M; ++m)
         build_tables(x + m * K, perm, Kp, G, S, passes, isa, s.xs.data(), s.tab.data() + m * passes * nq * 32, s.ls.data() + m * passes * nb,
                      s.asum.data() + m * ng);
-    const Args A{w, scale, z2, N, Kp, G, S, bits, passes};
+    const Args A{w, scale, z2, zcoef, N, Kp, G, S, bits, passes};
+    const bool planes = zcoef != nullptr;
     const int64_t ntiles = (N + TILE - 1) / TILE;
     int nt = threads < 1 ? 1 : threads;
     if (nt > ntiles) nt = (int)ntiles;
@@ -501,7 +565,7 @@ int ws_lut_gemm(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const
         for (int64_t t = t0; t < t1; ++t) {
             const int64_t rows = N - t * TILE < TILE ? N - t * TILE : TILE;
             for (int64_t m = 0; m < M;) {
-                const int nt_here = isa != 2 ? 1 : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+                const int nt_here = isa != 2 || planes ? 1 : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
                 const int8_t* tp[NT];
                 const float* lp[NT];
                 const float* ap[NT];
@@ -512,7 +576,9 @@ int ws_lut_gemm(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const
                     ap[j] = asum + (m + j) * ng;
                     op[j] = out64[j];
                 }
-                if (isa == 2 && nt_here == 4)
+                if (planes)
+                    tile_avx2_planes(A, t, tp[0], lp[0], ap[0], out64[0]);
+                else if (isa == 2 && nt_here == 4)
                     tile_avx512<4>(A, t, tp, lp, ap, op);
                 else if (isa == 2 && nt_here == 2)
                     tile_avx512<2>(A, t, tp, lp, ap, op);
@@ -542,6 +608,21 @@ int ws_lut_gemm(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const
     pool().run(nt, [&](int id) { work(id, nt); });
 #endif
     return 0;
+}
+
+int ws_lut_gemm(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const int32_t* perm, const float* bias,
+                const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t Kp, int64_t G, int64_t S, int bits,
+                int passes, int threads, int isa) {
+    return gemm(w, scale, z2, nullptr, perm, bias, x, y, M, N, K, Kp, G, S, bits, passes, threads, isa);
+}
+
+// HLQ layers: plane scales fp16 [tile][group][bits][64], zc float [tile][group][64] (see tile_avx2_planes).
+int ws_lut_gemm_planes(const uint8_t* w, const uint16_t* plane_scale, const float* zc, const int32_t* perm, const float* bias,
+                       const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t Kp, int64_t G, int64_t S, int bits,
+                       int passes, int threads, int isa) {
+    (void)isa;  // the planes tile is AVX2 (which every AVX-512 CPU has)
+    if (zc == nullptr) return -1;
+    return gemm(w, plane_scale, nullptr, zc, perm, bias, x, y, M, N, K, Kp, G, S, bits, passes, threads, 1);
 }
 
 }  // extern "C"
