@@ -21,13 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, EVAL, eval_many, run_cli, smollm2_float_dir, write_results  # noqa: E402
 
 CONFIGS = {  # name: CLI arguments after `quantize FLOAT OUT`
-    "RTN W3 g64 sym": ["--method", "rtn", "--bits", "3", "--group-size", "64", "--sym", "--clip-search"],
     "RTN W3 g64 asym": ["--method", "rtn", "--bits", "3", "--group-size", "64", "--asym", "--clip-search"],
     "HLQ W3 g64": ["--method", "hlq", "--bits", "3", "--group-size", "64", "--asym", "--clip-search"],
     "HLQ W3 g128": ["--method", "hlq", "--bits", "3", "--group-size", "128", "--asym", "--clip-search"],
     "RTN W2 g64 asym": ["--method", "rtn", "--bits", "2", "--group-size", "64", "--asym", "--clip-search"],
     "HLQ W2 g64": ["--method", "hlq", "--bits", "2", "--group-size", "64", "--asym", "--clip-search"],
-    "HLQ W2 g128": ["--method", "hlq", "--bits", "2", "--group-size", "128", "--asym", "--clip-search"],
 }
 
 
