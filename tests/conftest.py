@@ -167,13 +167,15 @@ def smollm2_first_blocks(tmp_path_factory, n: int) -> Path:
 def smollm2_layer_stats(tmp_path_factory, block: int = 1, windows: int = 16, seqlen: int = 256) -> dict:
     """Real layers with their real inputs: for block ``block`` of SmolLM2-135M (float model, cut to
     ``block + 1`` blocks), the stacked weights and ``H = XᵀX/N`` of the q/k/v group and of ``down_proj``,
-    on ``windows`` windows of this repository's README + DESIGN text. ``{group: (W, H)}``."""
+    on ``windows`` windows of ``tests/data/layer_stats_text.txt`` (the repository's README + DESIGN text as
+    they were when the tests' thresholds were measured: frozen, so that editing the docs does not move
+    them). ``{group: (W, H)}``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = smollm2_first_blocks(tmp_path_factory, block + 1)
     tok = AutoTokenizer.from_pretrained(src)
     root = Path(__file__).resolve().parent.parent
-    ids = tok((root / "README.md").read_text() + "\n" + (root / "DESIGN.md").read_text(), return_tensors="pt").input_ids[0]
+    ids = tok((root / "tests" / "data" / "layer_stats_text.txt").read_text(), return_tensors="pt").input_ids[0]
     win = ids[: windows * seqlen].reshape(windows, seqlen)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     blk = model.model.layers[block]
