@@ -230,9 +230,7 @@ class Planes(Encoding):
 
     def levels(self) -> torch.Tensor:
         """(out, n_groups, 2**bits): the value of every code."""
-        codes = torch.arange(2**self.bits_, device=self.offset.device)
-        bitmat = ((codes[:, None] >> torch.arange(self.bits_, device=codes.device)) & 1).float()  # (L, bits)
-        return self.offset[..., None] + self.plane_scale.float() @ bitmat.T
+        return self.offset[..., None] + self.plane_scale.float() @ plane_bits(self.bits_, self.offset.device).T
 
     def tensors(self, name):
         return {f"{name}.plane_scale": self.plane_scale.float().cpu().contiguous(), f"{name}.plane_offset": self.offset.float().cpu().contiguous()}
@@ -245,6 +243,21 @@ class Planes(Encoding):
         out, cols = shape
         ng = int(self.offset.shape[1])
         return {"weights": self.bits_ * out * cols, "scales": 16 * out * ng * (self.bits_ + 1)}
+
+
+def plane_bits(bits: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(2**bits, bits): bit ``i`` of every code, the matrix that maps plane scales to levels."""
+    codes = torch.arange(2**bits, device=device)
+    return ((codes[:, None] >> torch.arange(bits, device=device)) & 1).to(dtype)
+
+
+def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Code of the nearest level of every value: x (n, k), levels (n, L) → (n, k) int64 (a binary search
+    among each row's sorted levels: no (n, k, L) distance tensor)."""
+    order = levels.argsort(1)
+    srt = levels.gather(1, order)
+    mid = ((srt[:, 1:] + srt[:, :-1]) / 2).contiguous()
+    return order.gather(1, torch.searchsorted(mid, x.contiguous()))
 
 
 KINDS: dict[str, type] = {c.KIND: c for c in (Grid, Sparsity, LowRank, Factored, Planes)}

@@ -390,7 +390,7 @@ class QuantizedCheckpoint:
         group_size, bits)``, the codes read back as each weight's level (None: the layer has no planes
         encoding). Refused when a weight is farther than 5 % of its group's smallest level gap from
         every level (the checkpoint was modified)."""
-        from ..encodings import Planes
+        from ..encodings import Planes, nearest_level
 
         enc = next((e for e in self._enc.get(name, []) if e["kind"] == "planes"), None)
         if enc is None:
@@ -411,8 +411,8 @@ class QuantizedCheckpoint:
         codes = torch.empty(w.shape, dtype=torch.int32)
         for k in range(levels.shape[1]):
             sl = slice(k * g, min(cols, (k + 1) * g))
-            d = (w[:, sl, None] - levels[:, k, None, :]).abs()
-            dist, c = d.min(-1)
+            c = nearest_level(w[:, sl], levels[:, k])
+            dist = (w[:, sl] - levels[:, k].gather(1, c)).abs()
             if not torch.isfinite(dist).all() or bool((dist > OFF_GRID_TOL * gap[:, k, None]).any()):
                 raise WeightsmithError(f"layer {name}: the weights are not on the levels of its planes parameters "
                                        "(was the checkpoint modified after quantization?)")

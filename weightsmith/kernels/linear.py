@@ -71,11 +71,9 @@ class LutLinear(nn.Module):
         b = self.bias
         if b is not None and b.dtype != torch.float32:
             self.bias = b = b.float()
-        fn, third = (lib.ws_lut_gemm_planes, self.w_zc) if self.w_zc is not None else (lib.ws_lut_gemm, self.w_zero2)
-        self._call = (fn,
-                      (self.w_packed.data_ptr(), self.w_scale.data_ptr(), third.data_ptr(), self.perm.data_ptr() if self.perm.numel() else None,
-                       b.data_ptr() if b is not None else None),
-                      (self.w_scale.shape[1] * self.group, self.group, self.block, self.bits))
+        p = self.packed
+        fn, ptrs = lut.gemm_entry(lib, p)
+        self._call = (fn, (*ptrs, b.data_ptr() if b is not None else None), (p.kp, self.group, self.block, self.bits))
 
     @classmethod
     def from_quant_layer(cls, layer, bias: torch.Tensor | None = None, **kw) -> "LutLinear":

@@ -475,6 +475,14 @@ def lut_tables_native(p: PackedLayer, x: torch.Tensor, passes: int = 1, isa: int
     return tab[..., :16], ls, asum
 
 
+def gemm_entry(lib, p: PackedLayer):
+    """The library function for ``p`` and its leading pointer arguments (weights, scales, zero term,
+    permutation): ``ws_lut_gemm`` for a uniform grid, ``ws_lut_gemm_planes`` (AVX2, ``isa`` ignored) for HLQ."""
+    if p.planes:
+        return lib.ws_lut_gemm_planes, (p.w.data_ptr(), p.scale.data_ptr(), p.zc.data_ptr(), p.perm_ptr())
+    return lib.ws_lut_gemm, (p.w.data_ptr(), p.scale.data_ptr(), p.zero2.data_ptr(), p.perm_ptr())
+
+
 def lut_gemm(p: PackedLayer, x: torch.Tensor, bias: torch.Tensor | None = None, threads: int = 1, isa: int = -1,
              passes: int = 1) -> torch.Tensor:
     """``x`` (M, in) float32 → (M, out) float32 through the kernel. ``isa``: -1 best, 1 AVX2, 2 AVX-512BW;
@@ -488,14 +496,9 @@ def lut_gemm(p: PackedLayer, x: torch.Tensor, bias: torch.Tensor | None = None, 
     M = x.shape[0]
     y = torch.empty(M, p.out_features, dtype=torch.float32)
     b = bias.to(torch.float32).contiguous() if bias is not None else None
-    if p.planes:  # HLQ: the AVX2 planes kernel (isa ignored)
-        rc = lib.ws_lut_gemm_planes(p.w.data_ptr(), p.scale.data_ptr(), p.zc.data_ptr(), p.perm_ptr(),
-                                    b.data_ptr() if b is not None else None, x.data_ptr(), y.data_ptr(),
-                                    M, p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, int(passes), int(threads), 1)
-    else:
-        rc = lib.ws_lut_gemm(p.w.data_ptr(), p.scale.data_ptr(), p.zero2.data_ptr(), p.perm_ptr(),
-                             b.data_ptr() if b is not None else None, x.data_ptr(), y.data_ptr(),
-                             M, p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, int(passes), int(threads), int(isa))
+    fn, ptrs = gemm_entry(lib, p)
+    rc = fn(*ptrs, b.data_ptr() if b is not None else None, x.data_ptr(), y.data_ptr(),
+            M, p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, int(passes), int(threads), int(isa))
     if rc != 0:
         raise RuntimeError(f"ws_lut_gemm failed ({'bad arguments' if rc == -1 else 'instruction set not supported by this CPU'})")
     return y

@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 
 from ..config import GridConfig, Strict
-from ..encodings import Planes
+from ..encodings import Planes, nearest_level, plane_bits
 from ..errors import WeightsmithError
 from . import grid as G
 from .registry import register
@@ -42,25 +42,11 @@ class HLQConfig(Strict):
     iters: int = Field(12, ge=1, le=200, description="alternations of code assignment and least-squares plane scales")
 
 
-def _bitmat(bits: int, device) -> torch.Tensor:
-    codes = torch.arange(2**bits, device=device)
-    return ((codes[:, None] >> torch.arange(bits, device=device)) & 1).double()  # (L, bits)
-
-
-def _assign(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Code of the nearest level of every weight: x (n, gs), levels (n, L) → (n, gs) int64 (a binary
-    search among each group's sorted levels: no (n, gs, L) distance tensor)."""
-    order = levels.argsort(1)
-    srt = levels.gather(1, order)
-    mid = ((srt[:, 1:] + srt[:, :-1]) / 2).contiguous()
-    return order.gather(1, torch.searchsorted(mid, x.contiguous()))
-
-
 def fit_groups(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HLQ of ``n`` groups, the rows of ``x`` (n, gs), started from the uniform grid ``scale``, ``zero``
     (n,). Returns ``(plane_scale (n, bits), offset (n,), codes (n, gs))``, float64 / int64."""
     x = x.double()
-    B = _bitmat(bits, x.device)
+    B = plane_bits(bits, x.device, torch.float64)
     ps = scale.double()[:, None] * (2.0 ** torch.arange(bits, device=x.device, dtype=torch.float64))
     off = -zero.double() * scale.double()
     theta = torch.cat([off[:, None], ps], 1)  # (n, bits + 1)
@@ -68,7 +54,7 @@ def fit_groups(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
 
     def evaluate(th):
         lv = th @ design.T  # (n, L)
-        c = _assign(x, lv)
+        c = nearest_level(x, lv)
         err = ((x - lv.gather(1, c)) ** 2).sum(1)
         return c, err
 
@@ -98,7 +84,7 @@ def hlq_quantize(w: torch.Tensor, grid: GridConfig, iters: int = 12) -> tuple[to
         raise WeightsmithError(f"hlq fits 1 to {MAX_BITS} bits (it enumerates every level of a group), not {grid.bits}")
     w = w.float()
     rows, cols = w.shape
-    scale, zero, _ = G.grouped_params(w, grid)  # the RTN start, as the grid config says (clip search included)
+    scale, zero, g_idx = G.grouped_params(w, grid)  # the RTN start, as the grid config says (clip search included)
     gs = cols if grid.group_size == -1 else grid.group_size
     full = cols // gs
     ps_parts, off_parts, code_parts = [], [], []
@@ -122,7 +108,7 @@ def hlq_quantize(w: torch.Tensor, grid: GridConfig, iters: int = 12) -> tuple[to
         dense[:, : full * gs] = levels[:, :full].gather(2, codes[:, : full * gs].reshape(rows, full, gs)).reshape(rows, full * gs)
     if cols % gs:
         dense[:, full * gs :] = levels[:, full].gather(1, codes[:, full * gs :])
-    rtn = G.dequantize_groups(w, scale, zero, torch.arange(cols, device=w.device) // gs, grid.bits)
+    rtn = G.dequantize_groups(w, scale, zero, g_idx, grid.bits)
     wn = float((w**2).sum().clamp_min(1e-30))
     info = {"weight_error": float(((dense - w) ** 2).sum()) / wn, "rtn_weight_error": float(((rtn - w) ** 2).sum()) / wn}
     return dense, enc, info
