@@ -146,3 +146,66 @@ def test_clip_search_by_slabs_is_bit_identical(monkeypatch, bits, sym):
     slabs = grouped_params(w, cfg)
     for a, b in zip(whole, slabs):
         assert torch.equal(a, b)
+
+
+def test_clip_search_equals_the_textbook_trials(monkeypatch):
+    """The clip search's in-place trials pick, bit for bit, the factor the plain formula picks
+    (exhaustive search: every candidate p, error Σ|fake_quant(w) − w|^2.4 per row, first minimum)."""
+    import weightsmith.quant.grid as G
+
+    w = torch.randn(500, 64, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.2, 2, 64)
+    grid = GridConfig(bits=3, group_size=64, sym=False, clip_search=True)
+    monkeypatch.setattr(G, "CLIP_STRIDE", 1)
+    scale, zero = find_params(w, grid)
+    xmin, xmax = w.min(1, keepdim=True).values.clamp(max=0), w.max(1, keepdim=True).values.clamp(min=0)
+    best, bs, bz = None, None, None
+    for i in range(int(grid.clip_maxshrink * grid.clip_grid)):
+        p = 1 - i / grid.clip_grid
+        s1, z1 = G._range_params(p * xmin, p * xmax, 3, False)
+        err = (fake_quant(w, s1, z1, 3) - w).abs().pow(2.4).sum(1, keepdim=True)
+        if best is None:
+            best, bs, bz = err, s1, z1
+        else:
+            better = err < best
+            best, bs, bz = torch.where(better, err, best), torch.where(better, s1, bs), torch.where(better, z1, bz)
+    assert torch.equal(scale, bs) and torch.equal(zero, bz)
+
+
+@pytest.mark.parametrize("n", [100, 300, 513])
+def test_triu_solve_term_by_blocks_equals_the_two_products(n):
+    """``triu(A Uᵀ, 1) U`` computed in 2×2 blocks (the zero blocks skipped) equals the two full products."""
+    from weightsmith.quant.gptq import triu_solve_term
+
+    x = correlated_inputs(n=4 * n, d=n)
+    U, _ = inverse_cholesky(x.t() @ x / x.shape[0], 0.01)
+    A = torch.randn(n, n, generator=torch.Generator().manual_seed(2)) * 0.1
+    U64 = U.double()
+    direct = (torch.triu(A.double() @ U64.t(), diagonal=1) @ U64).float()
+    got = triu_solve_term(A, U)
+    assert got.dtype == torch.float32 and torch.allclose(got, direct, rtol=1e-6, atol=1e-7 * float(direct.abs().max()))
+    assert torch.equal(torch.tril(got), torch.zeros_like(got))
+
+
+def test_output_errors_match_activations():
+    """The report's output errors from H and dXX alone equal their definitions on the activations."""
+    from weightsmith.engine.layers import output_errors
+    from weightsmith.quant.registry import LayerStats
+
+    x = correlated_inputs(n=3000, d=96)
+    xt = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))  # the float path's inputs
+    h = x.t() @ x / x.shape[0]
+    h = torch.triu(h) + torch.triu(h, 1).t()  # exactly symmetric, as HessianStats.finalize gives it
+    dxx = (xt - x).t() @ x / x.shape[0]
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(1)) * 0.05
+    q = rtn_quantize(w, GridConfig(bits=3, group_size=32)).weight
+    r = rtn_quantize(w, GridConfig(bits=2, group_size=32)).weight
+    got = output_errors(q, r, w, LayerStats(h, x.shape[0], dxx, torch.diag(h).sqrt()))
+    den = float(((x @ w.t()) ** 2).sum())
+    for key, m in (("", q), ("rtn_", r)):
+        assert got[key + "error"] == pytest.approx(float(((x @ (m - w).t()) ** 2).sum()) / den, rel=1e-4)
+        excess = float(((xt @ w.t() - x @ m.t()) ** 2).sum() - ((xt @ w.t() - x @ w.t()) ** 2).sum())
+        assert got[key + "float_error"] == pytest.approx(excess / den, rel=1e-3)
+    plain = output_errors(q, None, w, LayerStats(h, x.shape[0], None, torch.diag(h).sqrt()))
+    assert set(plain) == {"error"}
+    zero = output_errors(torch.zeros_like(w), None, torch.zeros_like(w), LayerStats(h, x.shape[0], None, torch.diag(h).sqrt()))
+    assert zero == {"error": 0.0}

@@ -22,7 +22,6 @@ from ..errors import WeightsmithError
 from ..model.adapter import get_weight, set_weight
 from ..prune.check import sparsity_check
 from ..quant import registry
-from ..quant.grid import relative_error
 from ..quant.pipeline import run_group
 from ..quant.registry import LayerStats
 from .fold import FoldSession
@@ -58,26 +57,34 @@ def check_rules(cfg: QuantizeConfig, prefixes: list[str], groups: list[Group], e
             group_settings(cfg, p, g, extra_rules)
 
 
-def float_target_errors(q: torch.Tensor, rtn: torch.Tensor | None, w: torch.Tensor, stats: LayerStats | None) -> dict:
-    """With float-path statistics: how much rewriting ``w`` into ``q`` (and, for reference, into
-    RTN's ``rtn``) changes the distance to the float model's output, relative to ‖W X‖²:
-    ``(‖W X̃ − Q X‖² − ‖W X̃ − W X‖²) / ‖W X‖²`` — the quantity GPTAQ minimises, less the part
-    inherited from earlier layers (the ‖W X̃‖² that would need ``X̃ᵀX̃`` cancels). Negative: the
-    quantized layer is closer to the float output than the float weights are on these inputs."""
-    if stats is None or stats.dXX is None or stats.H is None:
-        return {}
-    h, xtx = stats.H, stats.H + stats.dXX  # X̃ᵀX / N
+def output_errors(q: torch.Tensor, rtn: torch.Tensor | None, w: torch.Tensor, stats: LayerStats) -> dict:
+    """The report's output errors of rewriting ``w`` into ``q`` (and, for reference, into RTN's ``rtn``),
+    from the input statistics alone (``h = XᵀX / N``; no activations):
 
-    def excess(m: torch.Tensor) -> float:
-        d = m - w  # ‖XMᵀ‖² − 2 tr(W X̃ᵀX Mᵀ) − (‖XWᵀ‖² − 2 tr(W X̃ᵀX Wᵀ)), written through D = M − W
-        return float(((d @ h) * (d + 2 * w)).sum() - 2 * ((w @ xtx) * d).sum())
+    - ``error`` / ``rtn_error``: ``‖(M − W) X‖² / ‖W X‖²`` (:func:`~weightsmith.quant.grid.relative_error`);
+    - with float-path statistics, ``float_error`` / ``rtn_float_error``:
+      ``(‖W X̃ − M X‖² − ‖W X̃ − W X‖²) / ‖W X‖²`` — the quantity GPTAQ minimises, less the part
+      inherited from earlier layers (the ‖W X̃‖² that would need ``X̃ᵀX̃`` cancels). Negative: the
+      quantized layer is closer to the float model's output than the float weights are on these inputs.
 
-    den = float(((w @ h) * w).sum())
-    if den <= 0:
-        return {}
-    out = {"float_error": excess(q) / den}
-    if rtn is not None:
-        out["rtn_float_error"] = excess(rtn) / den
+    One product with ``h`` per matrix (``W``, each ``M − W``) and one with ``dXX`` serve every figure."""
+    h = stats.H
+    wh = w @ h
+    den = float((wh * w).sum())
+    wdx = w @ stats.dXX if stats.dXX is not None else None  # W (X̃ − X)ᵀX / N
+    out: dict = {}
+    for key, m in (("error", q), ("rtn_error", rtn)):
+        if m is None:
+            continue
+        d = m - w
+        dh = d @ h
+        num = float((dh * d).sum())
+        out[key] = num / den if den > 0 else (0.0 if not num > 0 else float("inf"))  # a zero layer reproduced exactly: 0, never NaN
+        if wdx is not None and den > 0:
+            # ‖XMᵀ‖² − 2 tr(W X̃ᵀX Mᵀ) − (‖XWᵀ‖² − 2 tr(W X̃ᵀX Wᵀ)) with M = W + D and X̃ᵀX = H + dXX:
+            # ‖XDᵀ‖² + 2 tr(W H Dᵀ) − 2 tr(W (H + dXX) Dᵀ) = ‖XDᵀ‖² − 2 tr(W dXX Dᵀ) (H is symmetric)
+            excess = num - 2 * float((wdx * d).sum())
+            out[key.replace("error", "float_error")] = excess / den
     return out
 
 
@@ -142,10 +149,7 @@ class GroupQuantizer:
                    "steps": [s.name for s in settings.steps],
                    "weight_error": weight_error(eff - w, w)}
             if stats is not None and stats.H is not None:
-                row["error"] = relative_error(eff - w, w, h)
-                if res.baseline is not None:
-                    row["rtn_error"] = relative_error(res.baseline[a:b] - w, w, h)
-                row.update(float_target_errors(eff, None if res.baseline is None else res.baseline[a:b], w, stats))
+                row.update(output_errors(eff, None if res.baseline is None else res.baseline[a:b], w, stats))
             if any(isinstance(e, Grid) for e in encs):
                 g0 = next(e for e in encs if isinstance(e, Grid))
                 row["grid"] = {"bits": g0.bits_, "group_size": g0.group_size, "sym": g0.sym}

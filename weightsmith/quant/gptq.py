@@ -239,6 +239,8 @@ def gptq_quantize(
     if static:
         col_group = g_idx.long()[perm].tolist()  # group of each column in quantization order
         scale_t, zero_t = scale.t().contiguous(), zero.t().contiguous()
+        if terms and not rounded:  # each group's grid range, for the terms' clamped latent values
+            lo_t, hi_t = -zero_t * scale_t, (qmax - zero_t) * scale_t
     else:
         col_group = (torch.arange(cols) // gs).tolist()
         scales: list[torch.Tensor] = []
@@ -261,6 +263,8 @@ def gptq_quantize(
             if static:
                 g = col_group[j]
                 s_cur, z_cur = scale_t[g], zero_t[g]
+                if terms and not rounded:
+                    lo, hi = lo_t[g], hi_t[g]
             elif j % gs == 0:
                 # scales of the group from the weights as updated so far (this block's part is in W1)
                 end = min(j + gs, cols)
@@ -269,6 +273,7 @@ def gptq_quantize(
                 scales.append(s)
                 zeros.append(z)
                 s_cur, z_cur = s[:, 0], z[:, 0]
+                lo, hi = -z_cur * s_cur, (qmax - z_cur) * s_cur
             col = W1[i]
             Lt[j] = col
             q = G.fake_quant(col, s_cur, z_cur, grid.bits)
@@ -278,7 +283,7 @@ def gptq_quantize(
             w0 = W0t[j] if W0t is not None else None
             err = (col - q) / U1[i, i] if err_fn is None else err_fn(col, q, w0, U1[i, i])
             if terms:
-                v = q if rounded else torch.minimum(torch.maximum(col, -z_cur * s_cur), (qmax - z_cur) * s_cur)
+                v = q if rounded else torch.minimum(torch.maximum(col, lo), hi)
                 for t, c in zip(terms, C1):
                     c[i] = t.coef(v, w0)
             W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
@@ -306,8 +311,22 @@ def triu_solve_term(A: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     (``U[F, F]ᵀ U[F, F] = H_FF⁻¹``) — the least-squares compensation, by the not-yet-rounded columns,
     of a residual that column ``i`` leaves on the inputs correlated through ``A`` (GPTAQ's neuron
     decomposition)."""
-    U64 = U.double()
-    return (torch.triu(A.double() @ U64.t(), diagonal=1) @ U64).float()
+    A64, U64 = A.double(), U.double()
+    n = A64.shape[0]
+    if n < 256:
+        return (torch.triu(A64 @ U64.t(), diagonal=1) @ U64).float()
+    # in 2×2 blocks, skipping the products that U's lower zeros and the triu make zero (half the
+    # multiply-adds of the two full products; the same float64 sums up to their order)
+    h = n // 2
+    U11, U12, U22 = U64[:h, :h], U64[:h, h:], U64[h:, h:]
+    M11 = torch.triu(A64[:h] @ U64[:h].t(), diagonal=1)  # (A Uᵀ)[:h, :h] = A[:h] U[:h]ᵀ
+    M12 = A64[:h, h:] @ U22.t()                          # (A Uᵀ)[:h, h:] = A[:h, h:] U22ᵀ (U21 = 0)
+    M22 = torch.triu(A64[h:, h:] @ U22.t(), diagonal=1)
+    out = torch.zeros(n, n, dtype=torch.float32, device=A.device)
+    out[:h, :h] = M11 @ U11
+    out[:h, h:] = M11 @ U12 + M12 @ U22
+    out[h:, h:] = M22 @ U22
+    return out
 
 
 # extension builders of the family's parts: part -> build(cfg, stats, ctx) -> Extensions (filled by gptaq.py, foem.py, rescomp.py)

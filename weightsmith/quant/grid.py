@@ -62,12 +62,16 @@ def find_params(w: torch.Tensor, grid: GridConfig) -> tuple[torch.Tensor, torch.
     n = int(grid.clip_maxshrink * grid.clip_grid)  # candidates i = 0..n-1, p = 1 - i/grid
     best = torch.full_like(scale, float("inf"))
     best_i = torch.zeros_like(scale)
+    buf = torch.empty_like(w)  # one work buffer for every trial (no allocation, no fresh pages, per trial)
+    q = maxq(grid.bits)
 
     def trial(i: torch.Tensor | float) -> None:
         nonlocal scale, zero, best, best_i
         p = 1 - i / grid.clip_grid
         s1, z1 = _range_params(p * xmin, p * xmax, grid.bits, grid.sym)
-        err = (fake_quant(w, s1, z1, grid.bits) - w).abs_().pow_(grid.clip_norm).sum(dim=1, keepdim=True)
+        # fake_quant(w, s1, z1) - w, in place: the same IEEE operations in the same order
+        torch.div(w, s1, out=buf).round_().add_(z1).clamp_(0, q).sub_(z1).mul_(s1).sub_(w)
+        err = buf.abs_().pow_(grid.clip_norm).sum(dim=1, keepdim=True)
         better = err < best
         best = torch.where(better, err, best)
         best_i = torch.where(better, torch.as_tensor(i, dtype=best_i.dtype), best_i)
