@@ -255,6 +255,30 @@ def test_gguf_loads_through_transformers(work, pico_src, name, grid, gtype):
     assert _rel(_logits(got, IDS), _logits(ref, IDS)) <= 5e-3  # fp16 scales and fp16 embeddings
 
 
+def test_gguf_input_is_parsed_once_and_loads_as_transformers_does(work, pico_src, monkeypatch):
+    """Inside gguf_to_hf's context transformers parses a GGUF file once (its config and its weights
+    would each parse it) and loads exactly the weights it loads without; gguf-py's names are restored."""
+    import gguf
+    import gguf.gguf_reader as reader_mod
+
+    from weightsmith.model.source import _gguf_parsed_once
+
+    q = _quantized(work, pico_src, "w4sym-once", W4_SYM)
+    f = work / "w4sym-once.gguf"
+    export(q, f, "gguf", gguf_unverified_tokenizer=True)
+    parses = []
+    init = reader_mod.GGUFReader.__init__
+    monkeypatch.setattr(reader_mod.GGUFReader, "__init__", lambda self, *a, **k: (parses.append(a[0]), init(self, *a, **k))[1])
+    names = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    with _gguf_parsed_once():
+        got = AutoModelForCausalLM.from_pretrained(work, gguf_file=f.name, dtype=torch.float32).state_dict()
+    assert len(parses) == 1
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == names
+    want = AutoModelForCausalLM.from_pretrained(work, gguf_file=f.name, dtype=torch.float32).state_dict()
+    assert len(parses) > 2  # transformers alone parses it again for the config and for the weights
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+
+
 def test_gguf_refusals(work, pico_src):
     q = _quantized(work, pico_src, "w4sym", W4_SYM)
     with pytest.raises(WeightsmithError, match="Q4_K"):

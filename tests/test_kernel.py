@@ -348,10 +348,11 @@ def test_planes_pack_roundtrip_and_kernel(bits, case):
         bound = lut.error_bound(p, x, passes)
         assert ((em - exact).abs() <= bound * (1 + 1e-5) + 1e-6).all()
         if LIB is not None:
-            for threads in (1, 2):
-                y = lut.lut_gemm(p, x, threads=threads, passes=passes).double()
-                assert ((y - em).abs() <= 2e-6 * mag + 1e-6).all(), (y - em).abs().max()
-                assert ((y - exact).abs() <= bound * (1 + 1e-5) + 2e-6 * mag + 1e-6).all()
+            for isa in ISAS:  # AVX2, and AVX-512 where the CPU has it (3 tokens: a 2-token and a 1-token tile call)
+                for threads in (1, 2):
+                    y = lut.lut_gemm(p, x, threads=threads, isa=isa, passes=passes).double()
+                    assert ((y - em).abs() <= 2e-6 * mag + 1e-6).all(), (isa, (y - em).abs().max())
+                    assert ((y - exact).abs() <= bound * (1 + 1e-5) + 2e-6 * mag + 1e-6).all()
 
 
 def test_hlq_checkpoint_runs_on_the_kernel(tmp_path):

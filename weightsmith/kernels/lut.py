@@ -32,7 +32,7 @@ log = logging.getLogger("weightsmith")
 TILE = 64
 MAX_BLOCK = 64
 SRC = Path(__file__).parent / "csrc" / "lut_gemv.cpp"
-ABI_VERSION = 9
+ABI_VERSION = 10
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fopenmp"]
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
 
@@ -477,7 +477,7 @@ def lut_tables_native(p: PackedLayer, x: torch.Tensor, passes: int = 1, isa: int
 
 def gemm_entry(lib, p: PackedLayer):
     """The library function for ``p`` and its leading pointer arguments (weights, scales, zero term,
-    permutation): ``ws_lut_gemm`` for a uniform grid, ``ws_lut_gemm_planes`` (AVX2, ``isa`` ignored) for HLQ."""
+    permutation): ``ws_lut_gemm`` for a uniform grid, ``ws_lut_gemm_planes`` for HLQ."""
     if p.planes:
         return lib.ws_lut_gemm_planes, (p.w.data_ptr(), p.scale.data_ptr(), p.zc.data_ptr(), p.perm_ptr())
     return lib.ws_lut_gemm, (p.w.data_ptr(), p.scale.data_ptr(), p.zero2.data_ptr(), p.perm_ptr())

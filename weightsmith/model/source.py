@@ -5,6 +5,8 @@ into a temporary float32 directory (removed by :meth:`CheckpointSource.close`).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -154,6 +156,38 @@ class CheckpointSource:
         return tmp
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """While converting one GGUF file, transformers parses it three times (tokenizer, config, weights:
+    ~4 s each for a 49k-token vocabulary in gguf-py's reader) and rebuilds gguf-py's tensor-name map
+    once per submodule of the model (~7 s for a 30-block Llama). Both are pure functions of their
+    arguments: inside this context the file is parsed once and the map built once per
+    (architecture, blocks). The same gguf-py and transformers code does the work; what they return is unchanged."""
+    import gguf
+    import gguf.gguf_reader as reader_mod
+
+    base = reader_mod.GGUFReader
+    readers: dict = {}
+
+    class _ParsedOnce(base):
+        def __new__(cls, path, mode="r"):
+            key = (str(Path(path).resolve()), mode)
+            if key not in readers:
+                readers[key] = base(path, mode)
+            return readers[key]  # an instance of the base class: __init__ is not run again
+
+    # transformers imports both from the gguf package at call time
+    saved = [(gguf, "GGUFReader", gguf.GGUFReader), (gguf, "get_tensor_name_map", gguf.get_tensor_name_map)]
+    try:
+        gguf.GGUFReader = _ParsedOnce
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved[1][2])
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+        readers.clear()
+
+
 def gguf_to_hf(f: Path, dest: Path) -> None:
     """Dequantize a GGUF checkpoint through transformers into a float32 HF directory ``dest``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -162,8 +196,9 @@ def gguf_to_hf(f: Path, dest: Path) -> None:
 
     log.info("dequantizing %s to a float32 checkpoint", f.name)
     try:
-        tok = from_pretrained(AutoTokenizer, f.parent, gguf_file=f.name)
-        model = from_pretrained(AutoModelForCausalLM, f.parent, gguf_file=f.name, dtype=torch.float32)
+        with _gguf_parsed_once():
+            tok = from_pretrained(AutoTokenizer, f.parent, gguf_file=f.name)
+            model = from_pretrained(AutoModelForCausalLM, f.parent, gguf_file=f.name, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - the gguf reader raises many types
         raise WeightsmithError(f"cannot read GGUF file {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     model.hf_quantizer = None

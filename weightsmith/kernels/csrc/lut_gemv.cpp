@@ -303,109 +303,107 @@ __attribute__((target("avx2,fma"))) inline __m256i pair_weights(int i, int bits)
     return _mm256_set1_epi16((short)((1 << i) | ((1 << (i + 1)) << 8)));
 }
 
+// The two grids one tile loop serves (PLANES):
+// - uniform (false): w = (q - zero) * scale with q = sum_i 2^i bit_i; vpmaddubsw with (2^i, 2^(i+1))
+//   combines the planes of a pair into one int16 per row (|acc| <= 15 * 16 * 127 per block at 4 bits),
+//   flushed with scale * lut_scale; the zero point times the group's activation sum (zero_term).
+// - hierarchical linear levels, HLQ (true): w = offset + sum_i s_i bit_i, each plane with its own fp16
+//   scale per row and group. The planes are not combined in int16 (their weights are not powers of
+//   two): vpmaddubsw with (1, 0) and (0, 1) keeps each plane of a pair in its own int16 accumulators
+//   (|acc| <= 16 * 127 per block), flushed with s_i * lut_scale; the offset and the centring go into
+//   one float coefficient per row and group, zc = offset + sum_i s_i / 2, times the group's activation sum.
+// NA: accumulator sets per token (one per plane for HLQ, one for the uniform grid).
+template <bool PLANES>
+constexpr int n_acc() { return PLANES ? 4 : 1; }
+
+template <bool PLANES>
+__attribute__((target("avx2,fma,f16c"))) inline const uint16_t* group_scales(const Args& A, int64_t tile, int64_t g) {
+    const int64_t ng = A.Kp / A.G;
+    return A.scale + (tile * ng + g) * (PLANES ? A.bits : 1) * TILE;
+}
+
+// The accumulated block of one pass into the outputs: per plane (HLQ) or combined (uniform).
+template <bool PLANES>
+__attribute__((target("avx2,fma,f16c"))) inline void flush_all(const __m256i (*acc)[4], int bits, const uint16_t* sc, float ls, __m256* o) {
+    if (PLANES)
+        for (int i = 0; i < bits; ++i) flush(acc[i], sc + i * TILE, ls, o);
+    else
+        flush(acc[0], sc, ls, o);
+}
+
+// The group's constant term: zero point (uniform) or offset + centring (HLQ), times its activation sum.
+template <bool PLANES>
+__attribute__((target("avx2,fma,f16c"))) inline void group_term(const Args& A, int64_t tile, int64_t g, const uint16_t* sc, float asum,
+                                                              __m256* o) {
+    const int64_t at = (tile * (A.Kp / A.G) + g) * TILE;
+    if (PLANES) {
+        const __m256 s = _mm256_set1_ps(asum);
+        for (int k = 0; k < 8; ++k) o[k] = _mm256_fmadd_ps(_mm256_loadu_ps(A.zc + at + 8 * k), s, o[k]);
+    } else {
+        zero_term(sc, A.z2 + at, asum, o);
+    }
+}
+
+// One lookup result (32 bytes: one int8 per plane of a pair, per row) into the accumulators.
+template <bool PLANES>
+__attribute__((target("avx2,fma"))) inline void add_pair(__m256i l, __m256i wpp, __m256i w10, __m256i w01, __m256i* ae, __m256i* ao) {
+    if (PLANES) {
+        *ae = _mm256_add_epi16(*ae, _mm256_maddubs_epi16(w10, l));
+        *ao = _mm256_add_epi16(*ao, _mm256_maddubs_epi16(w01, l));
+    } else {
+        *ae = _mm256_add_epi16(*ae, _mm256_maddubs_epi16(wpp, l));
+    }
+}
+
 // One tile of 64 rows, one token: the 64 outputs in natural row order into out64.
+template <bool PLANES>
 __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const Args& A, int64_t tile, const int8_t* tab, const float* ls,
                                                    const float* asum, float* out64) {
+    constexpr int NA = n_acc<PLANES>();
     const int64_t ng = A.Kp / A.G, bpg = A.G / A.S, F = A.S / 4, nb = A.Kp / A.S;
     const int bits = A.bits, npairs = bits / 2, odd = bits & 1, qbytes = bits * 32;
     const __m256i mask = _mm256_set1_epi8(0x0F);
     const __m256i wp0 = pair_weights(0, bits), wp1 = pair_weights(2, bits);
-    const __m256i we = _mm256_set1_epi16((short)(1 << (bits - 1))), wo = _mm256_set1_epi16((short)((1 << (bits - 1)) << 8));
-    __m256 o[8];
-    for (int k = 0; k < 8; ++k) o[k] = _mm256_setzero_ps();
-    const uint8_t* w = A.w + tile * nb * F * qbytes;
-    for (int64_t g = 0; g < ng; ++g) {
-        const uint16_t* sc = A.scale + (tile * ng + g) * TILE;
-        for (int64_t bb = 0; bb < bpg; ++bb) {
-            const int64_t b = g * bpg + bb;
-            for (int ps = 0; ps < A.passes; ++ps) {
-                const int8_t* tb = tab + (ps * A.Kp / 4 + b * F) * 32;
-                const uint8_t* wb = w;
-                __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-                for (int64_t f = 0; f < F; ++f) {
-                    const __m256i t = _mm256_loadu_si256((const __m256i*)(tb + f * 32));
-                    for (int pp = 0; pp < npairs; ++pp) {
-                        const __m256i wpp = pp ? wp1 : wp0;
-                        const __m256i va = _mm256_loadu_si256((const __m256i*)wb);
-                        const __m256i vb = _mm256_loadu_si256((const __m256i*)(wb + 32));
-                        acc[0] = _mm256_add_epi16(acc[0], _mm256_maddubs_epi16(wpp, _mm256_shuffle_epi8(t, _mm256_and_si256(va, mask))));
-                        acc[1] = _mm256_add_epi16(acc[1], _mm256_maddubs_epi16(wpp, _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(va, 4), mask))));
-                        acc[2] = _mm256_add_epi16(acc[2], _mm256_maddubs_epi16(wpp, _mm256_shuffle_epi8(t, _mm256_and_si256(vb, mask))));
-                        acc[3] = _mm256_add_epi16(acc[3], _mm256_maddubs_epi16(wpp, _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(vb, 4), mask))));
-                        wb += 64;
-                    }
-                    if (odd) {
-                        single_avx2(t, wb, mask, we, wo, acc);
-                        wb += 32;
-                    }
-                }
-                flush(acc, sc, ls[ps * nb + b], o);
-            }
-            w += F * qbytes;
-        }
-        zero_term(sc, A.z2 + (tile * ng + g) * TILE, asum[g], o);
-    }
-    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64 + 8 * k, o[k]);
-}
-
-// Hierarchical linear levels (HLQ): w = offset + sum_i s_i bit_i, each plane with its own fp16 scale
-// per row and group. The planes are not combined in int16 (their weights are not powers of two):
-// vpmaddubsw with (1, 0) and (0, 1) keeps each plane of a pair in its own int16 accumulators (|acc| <=
-// 16 * 127 per block), flushed with s_i * lut_scale; the offset and the centring go into one float
-// coefficient per row and group, zc = offset + sum_i s_i / 2, times the group's activation sum.
-// AVX2 only (an AVX-512 CPU runs it too).
-__attribute__((target("avx2,fma,f16c"))) void tile_avx2_planes(const Args& A, int64_t tile, const int8_t* tab, const float* ls,
-                                                          const float* asum, float* out64) {
-    const int64_t ng = A.Kp / A.G, bpg = A.G / A.S, F = A.S / 4, nb = A.Kp / A.S;
-    const int bits = A.bits, npairs = bits / 2, odd = bits & 1, qbytes = bits * 32;
-    const __m256i mask = _mm256_set1_epi8(0x0F);
     const __m256i w10 = _mm256_set1_epi16(1), w01 = _mm256_set1_epi16(1 << 8);
+    const __m256i we = PLANES ? w10 : _mm256_set1_epi16((short)(1 << (bits - 1)));
+    const __m256i wo = PLANES ? w01 : _mm256_set1_epi16((short)((1 << (bits - 1)) << 8));
     __m256 o[8];
     for (int k = 0; k < 8; ++k) o[k] = _mm256_setzero_ps();
     const uint8_t* w = A.w + tile * nb * F * qbytes;
     for (int64_t g = 0; g < ng; ++g) {
-        const uint16_t* sc = A.scale + (tile * ng + g) * bits * TILE;
+        const uint16_t* sc = group_scales<PLANES>(A, tile, g);
         for (int64_t bb = 0; bb < bpg; ++bb) {
             const int64_t b = g * bpg + bb;
             for (int ps = 0; ps < A.passes; ++ps) {
                 const int8_t* tb = tab + (ps * A.Kp / 4 + b * F) * 32;
                 const uint8_t* wb = w;
-                __m256i acc[4][4];
-                for (int i = 0; i < 4; ++i)
+                __m256i acc[NA][4];
+                for (int i = 0; i < NA; ++i)
                     for (int a = 0; a < 4; ++a) acc[i][a] = _mm256_setzero_si256();
                 for (int64_t f = 0; f < F; ++f) {
                     const __m256i t = _mm256_loadu_si256((const __m256i*)(tb + f * 32));
                     for (int pp = 0; pp < npairs; ++pp) {
+                        const __m256i wpp = pp ? wp1 : wp0;
+                        __m256i* ae = acc[PLANES ? 2 * pp : 0];
+                        __m256i* ao = acc[PLANES ? 2 * pp + 1 : 0];
                         const __m256i va = _mm256_loadu_si256((const __m256i*)wb);
                         const __m256i vb = _mm256_loadu_si256((const __m256i*)(wb + 32));
-                        const __m256i l0 = _mm256_shuffle_epi8(t, _mm256_and_si256(va, mask));
-                        const __m256i l1 = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(va, 4), mask));
-                        const __m256i l2 = _mm256_shuffle_epi8(t, _mm256_and_si256(vb, mask));
-                        const __m256i l3 = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(vb, 4), mask));
-                        __m256i* ae = acc[2 * pp];
-                        __m256i* ao = acc[2 * pp + 1];
-                        ae[0] = _mm256_add_epi16(ae[0], _mm256_maddubs_epi16(w10, l0));
-                        ao[0] = _mm256_add_epi16(ao[0], _mm256_maddubs_epi16(w01, l0));
-                        ae[1] = _mm256_add_epi16(ae[1], _mm256_maddubs_epi16(w10, l1));
-                        ao[1] = _mm256_add_epi16(ao[1], _mm256_maddubs_epi16(w01, l1));
-                        ae[2] = _mm256_add_epi16(ae[2], _mm256_maddubs_epi16(w10, l2));
-                        ao[2] = _mm256_add_epi16(ao[2], _mm256_maddubs_epi16(w01, l2));
-                        ae[3] = _mm256_add_epi16(ae[3], _mm256_maddubs_epi16(w10, l3));
-                        ao[3] = _mm256_add_epi16(ao[3], _mm256_maddubs_epi16(w01, l3));
+                        add_pair<PLANES>(_mm256_shuffle_epi8(t, _mm256_and_si256(va, mask)), wpp, w10, w01, &ae[0], &ao[0]);
+                        add_pair<PLANES>(_mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(va, 4), mask)), wpp, w10, w01, &ae[1], &ao[1]);
+                        add_pair<PLANES>(_mm256_shuffle_epi8(t, _mm256_and_si256(vb, mask)), wpp, w10, w01, &ae[2], &ao[2]);
+                        add_pair<PLANES>(_mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(vb, 4), mask)), wpp, w10, w01, &ae[3], &ao[3]);
                         wb += 64;
                     }
                     if (odd) {
-                        single_avx2(t, wb, mask, w10, w01, acc[bits - 1]);
+                        single_avx2(t, wb, mask, we, wo, acc[PLANES ? bits - 1 : 0]);
                         wb += 32;
                     }
                 }
-                for (int i = 0; i < bits; ++i) flush(acc[i], sc + i * TILE, ls[ps * nb + b], o);
+                flush_all<PLANES>(acc, bits, sc, ls[ps * nb + b], o);
             }
             w += F * qbytes;
         }
-        const float* zc = A.zc + (tile * ng + g) * TILE;
-        const __m256 s = _mm256_set1_ps(asum[g]);
-        for (int k = 0; k < 8; ++k) o[k] = _mm256_fmadd_ps(_mm256_loadu_ps(zc + 8 * k), s, o[k]);
+        group_term<PLANES>(A, tile, g, sc, asum[g], o);
     }
     for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64 + 8 * k, o[k]);
 }
@@ -414,34 +412,48 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2_planes(const Args& A, in
 // A plane pair's 64-byte chunk in one zmm: the quad's table broadcast to the 4 lanes; low nibbles
 // give rows 0-15 (lanes 0-1) and 32-47 (lanes 2-3), high nibbles rows 16-31 and 48-63.
 // NT tokens at once (prompts): the weight loads and nibble extraction are shared, the lookups not.
-template <int NT>
+template <bool PLANES>
+__attribute__((target("avx512f,avx512bw"))) inline void add_pair512(__m512i l, __m512i wpp, __m512i w10, __m512i w01, __m512i* ae, __m512i* ao) {
+    if (PLANES) {
+        *ae = _mm512_add_epi16(*ae, _mm512_maddubs_epi16(w10, l));
+        *ao = _mm512_add_epi16(*ao, _mm512_maddubs_epi16(w01, l));
+    } else {
+        *ae = _mm512_add_epi16(*ae, _mm512_maddubs_epi16(wpp, l));
+    }
+}
+
+template <int NT, bool PLANES>
 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void tile_avx512(const Args& A, int64_t tile, const int8_t* const* tab,
                                                                       const float* const* ls, const float* const* asum,
                                                                       float* const* out64) {
+    constexpr int NA = n_acc<PLANES>();
     const int64_t ng = A.Kp / A.G, bpg = A.G / A.S, F = A.S / 4, nb = A.Kp / A.S;
     const int bits = A.bits, npairs = bits / 2, odd = bits & 1, qbytes = bits * 32;
     const __m512i mask = _mm512_set1_epi8(0x0F);
     const __m256i mask256 = _mm256_set1_epi8(0x0F);
     const __m512i wp0 = _mm512_set1_epi16((short)(1 | (2 << 8))), wp1 = _mm512_set1_epi16((short)(4 | (8 << 8)));
-    const __m256i we = _mm256_set1_epi16((short)(1 << (bits - 1))), wo = _mm256_set1_epi16((short)((1 << (bits - 1)) << 8));
+    const __m512i w10 = _mm512_set1_epi16(1), w01 = _mm512_set1_epi16(1 << 8);
+    const __m256i we = PLANES ? _mm256_set1_epi16(1) : _mm256_set1_epi16((short)(1 << (bits - 1)));
+    const __m256i wo = PLANES ? _mm256_set1_epi16(1 << 8) : _mm256_set1_epi16((short)((1 << (bits - 1)) << 8));
     __m256 o[NT][8];
     for (int n = 0; n < NT; ++n)
         for (int k = 0; k < 8; ++k) o[n][k] = _mm256_setzero_ps();
     const uint8_t* w = A.w + tile * nb * F * qbytes;
     for (int64_t g = 0; g < ng; ++g) {
-        const uint16_t* sc = A.scale + (tile * ng + g) * TILE;
+        const uint16_t* sc = group_scales<PLANES>(A, tile, g);
         for (int64_t bb = 0; bb < bpg; ++bb) {
             const int64_t b = g * bpg + bb;
             for (int ps = 0; ps < A.passes; ++ps) {
                 const int8_t* tb[NT];
                 for (int n = 0; n < NT; ++n) tb[n] = tab[n] + (ps * A.Kp / 4 + b * F) * 32;
                 const uint8_t* wb = w;
-                __m512i accl[NT], acch[NT];
-                __m256i acc[NT][4];
-                for (int n = 0; n < NT; ++n) {
-                    accl[n] = acch[n] = _mm512_setzero_si512();
-                    for (int a = 0; a < 4; ++a) acc[n][a] = _mm256_setzero_si256();
-                }
+                __m512i accl[NT][NA], acch[NT][NA];
+                __m256i acc[NT][NA][4];
+                for (int n = 0; n < NT; ++n)
+                    for (int i = 0; i < NA; ++i) {
+                        accl[n][i] = acch[n][i] = _mm512_setzero_si512();
+                        for (int a = 0; a < 4; ++a) acc[n][i][a] = _mm256_setzero_si256();
+                    }
                 for (int64_t f = 0; f < F; ++f) {
                     __m256i t256[NT];
                     __m512i t[NT];
@@ -451,30 +463,33 @@ __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void tile_avx512(const
                     }
                     for (int pp = 0; pp < npairs; ++pp) {
                         const __m512i wpp = pp ? wp1 : wp0;
+                        const int ie = PLANES ? 2 * pp : 0, io = PLANES ? 2 * pp + 1 : 0;
                         const __m512i v = _mm512_loadu_si512(wb);
                         const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
                         for (int n = 0; n < NT; ++n) {
-                            accl[n] = _mm512_add_epi16(accl[n], _mm512_maddubs_epi16(wpp, _mm512_shuffle_epi8(t[n], lo)));
-                            acch[n] = _mm512_add_epi16(acch[n], _mm512_maddubs_epi16(wpp, _mm512_shuffle_epi8(t[n], hi)));
+                            add_pair512<PLANES>(_mm512_shuffle_epi8(t[n], lo), wpp, w10, w01, &accl[n][ie], &accl[n][io]);
+                            add_pair512<PLANES>(_mm512_shuffle_epi8(t[n], hi), wpp, w10, w01, &acch[n][ie], &acch[n][io]);
                         }
                         wb += 64;
                     }
                     if (odd) {
-                        for (int n = 0; n < NT; ++n) single_avx2(t256[n], wb, mask256, we, wo, acc[n]);
+                        for (int n = 0; n < NT; ++n) single_avx2(t256[n], wb, mask256, we, wo, acc[n][PLANES ? bits - 1 : 0]);
                         wb += 32;
                     }
                 }
                 for (int n = 0; n < NT; ++n) {
-                    acc[n][0] = _mm256_add_epi16(acc[n][0], _mm512_castsi512_si256(accl[n]));
-                    acc[n][1] = _mm256_add_epi16(acc[n][1], _mm512_castsi512_si256(acch[n]));
-                    acc[n][2] = _mm256_add_epi16(acc[n][2], _mm512_extracti64x4_epi64(accl[n], 1));
-                    acc[n][3] = _mm256_add_epi16(acc[n][3], _mm512_extracti64x4_epi64(acch[n], 1));
-                    flush(acc[n], sc, ls[n][ps * nb + b], o[n]);
+                    for (int i = 0; i < NA; ++i) {
+                        acc[n][i][0] = _mm256_add_epi16(acc[n][i][0], _mm512_castsi512_si256(accl[n][i]));
+                        acc[n][i][1] = _mm256_add_epi16(acc[n][i][1], _mm512_castsi512_si256(acch[n][i]));
+                        acc[n][i][2] = _mm256_add_epi16(acc[n][i][2], _mm512_extracti64x4_epi64(accl[n][i], 1));
+                        acc[n][i][3] = _mm256_add_epi16(acc[n][i][3], _mm512_extracti64x4_epi64(acch[n][i], 1));
+                    }
+                    flush_all<PLANES>(acc[n], bits, sc, ls[n][ps * nb + b], o[n]);
                 }
             }
             w += F * qbytes;
         }
-        for (int n = 0; n < NT; ++n) zero_term(sc, A.z2 + (tile * ng + g) * TILE, asum[n][g], o[n]);
+        for (int n = 0; n < NT; ++n) group_term<PLANES>(A, tile, g, sc, asum[n][g], o[n]);
     }
     for (int n = 0; n < NT; ++n)
         for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64[n] + 8 * k, o[n][k]);
@@ -496,7 +511,7 @@ struct Scratch {
 
 extern "C" {
 
-int ws_lut_abi_version() { return 9; }
+int ws_lut_abi_version() { return 10; }
 
 // 1 when built with OpenMP (the kernel shares torch's OpenMP threads), 0 with its own thread pool.
 int ws_lut_openmp() {
@@ -565,7 +580,8 @@ static int gemm(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const
         for (int64_t t = t0; t < t1; ++t) {
             const int64_t rows = N - t * TILE < TILE ? N - t * TILE : TILE;
             for (int64_t m = 0; m < M;) {
-                const int nt_here = isa != 2 || planes ? 1 : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+                // HLQ keeps 4 planes' accumulators per token: at most 2 tokens per call fit the 32 zmm registers
+                const int nt_here = isa != 2 ? 1 : M - m >= 4 && !planes ? 4 : M - m >= 2 ? 2 : 1;
                 const int8_t* tp[NT];
                 const float* lp[NT];
                 const float* ap[NT];
@@ -576,16 +592,20 @@ static int gemm(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const
                     ap[j] = asum + (m + j) * ng;
                     op[j] = out64[j];
                 }
-                if (planes)
-                    tile_avx2_planes(A, t, tp[0], lp[0], ap[0], out64[0]);
+                if (planes && isa == 2 && nt_here == 2)
+                    tile_avx512<2, true>(A, t, tp, lp, ap, op);
+                else if (planes && isa == 2)
+                    tile_avx512<1, true>(A, t, tp, lp, ap, op);
+                else if (planes)
+                    tile_avx2<true>(A, t, tp[0], lp[0], ap[0], out64[0]);
                 else if (isa == 2 && nt_here == 4)
-                    tile_avx512<4>(A, t, tp, lp, ap, op);
+                    tile_avx512<4, false>(A, t, tp, lp, ap, op);
                 else if (isa == 2 && nt_here == 2)
-                    tile_avx512<2>(A, t, tp, lp, ap, op);
+                    tile_avx512<2, false>(A, t, tp, lp, ap, op);
                 else if (isa == 2)
-                    tile_avx512<1>(A, t, tp, lp, ap, op);
+                    tile_avx512<1, false>(A, t, tp, lp, ap, op);
                 else
-                    tile_avx2(A, t, tp[0], lp[0], ap[0], out64[0]);
+                    tile_avx2<false>(A, t, tp[0], lp[0], ap[0], out64[0]);
                 for (int j = 0; j < nt_here; ++j) {
                     float* yo = y + (m + j) * N + t * TILE;
                     if (bias)
@@ -616,13 +636,12 @@ int ws_lut_gemm(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const
     return gemm(w, scale, z2, nullptr, perm, bias, x, y, M, N, K, Kp, G, S, bits, passes, threads, isa);
 }
 
-// HLQ layers: plane scales fp16 [tile][group][bits][64], zc float [tile][group][64] (see tile_avx2_planes).
+// HLQ layers: plane scales fp16 [tile][group][bits][64], zc float [tile][group][64] (see tile_avx2<true>).
 int ws_lut_gemm_planes(const uint8_t* w, const uint16_t* plane_scale, const float* zc, const int32_t* perm, const float* bias,
                        const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t Kp, int64_t G, int64_t S, int bits,
                        int passes, int threads, int isa) {
-    (void)isa;  // the planes tile is AVX2 (which every AVX-512 CPU has)
     if (zc == nullptr) return -1;
-    return gemm(w, plane_scale, nullptr, zc, perm, bias, x, y, M, N, K, Kp, G, S, bits, passes, threads, 1);
+    return gemm(w, plane_scale, nullptr, zc, perm, bias, x, y, M, N, K, Kp, G, S, bits, passes, threads, isa);
 }
 
 }  // extern "C"
