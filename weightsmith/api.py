@@ -242,7 +242,8 @@ def _plan(lm: LazyModel, cfg: QuantizeConfig, planner, ids: torch.Tensor, tmp: P
     if "out_fisher" in spec.planner.needs_of(planner):
         from .engine.fisher import output_fisher
 
-        n = int(getattr(planner, "fisher_samples", 0) or ids.shape[0])
+        req = planner.gradient_request() if hasattr(planner, "gradient_request") else {}
+        n = int(req.get("samples") or ids.shape[0])
         names = [l.name for i in range(len(lm.blocks)) for l in lm.layers(i, cfg.ignore)]
         fisher = output_fisher(lm, ids[:n], names, progress=progress)
     measurements = measure_pass(lm, cfg, ids, planner, progress, fisher=fisher)

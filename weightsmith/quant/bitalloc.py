@@ -48,6 +48,10 @@ class BitAllocConfig(Strict):
                                       "pass: ~10x; the applied plan uses the recipe's own setting either way)")
     resolution: int = Field(4000, ge=100, le=100000, description="budget steps of the knapsack")
 
+    def gradient_request(self) -> dict:
+        """What the gradient pass for the ``out_fisher`` need takes (the same contract as the gradient steps')."""
+        return {"samples": self.fisher_samples}
+
     @field_validator("bits")
     @classmethod
     def _bits(cls, v):
