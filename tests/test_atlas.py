@@ -132,3 +132,44 @@ def test_large_models_are_refused_unless_allowed(zoo, tmp_path, monkeypatch):
     assert "\n" not in str(e.value) and not (tmp_path / "big").exists()
     rep = run(zoo, tmp_path, atlas_yaml(zoo, "steps: 1, windows: 2, seqlen: 16, allow_large: true"), "big")
     assert rep["fit"]["parameters"] > 1000
+
+
+def test_resume_keeps_the_fit_of_the_interrupted_run(zoo, tmp_path, monkeypatch):
+    """An aTLAS merge interrupted while writing resumes without fitting again: the fit is kept in
+    OUT.partial (prepared.json, not in the output) and the result equals an uninterrupted run's bit for bit."""
+    from safetensors.torch import load_file
+
+    from weightsmith.merge import atlas as atlas_fit
+    from weightsmith.merge import driver
+
+    text = atlas_yaml(zoo, "steps: 10, lr: 0.05, windows: 4, seqlen: 32")
+    cfg = zoo["dir"] / "resume.yaml"
+    cfg.write_text(text)
+    full = merge(cfg, tmp_path / "full", progress=False, seed=3, shard_bytes=60_000)
+    assert full["shards"] >= 3 and not (tmp_path / "full" / "prepared.json").exists()
+    real_tensor, real_fit = driver.run_tensor, atlas_fit.fit_coefficients
+    calls = {"tensor": 0, "prepare": 0}
+
+    def dying(*a, **k):
+        calls["tensor"] += 1
+        if calls["tensor"] == 10:
+            raise KeyboardInterrupt
+        return real_tensor(*a, **k)
+
+    def counted(*a, **k):
+        calls["prepare"] += 1
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(driver, "run_tensor", dying)
+    monkeypatch.setattr(atlas_fit, "fit_coefficients", counted)
+    with pytest.raises(KeyboardInterrupt):
+        merge(cfg, tmp_path / "o", progress=False, seed=3, shard_bytes=60_000)
+    assert calls["prepare"] == 1 and (tmp_path / "o.partial" / "prepared.json").is_file()
+    monkeypatch.setattr(driver, "run_tensor", real_tensor)
+    res = merge(cfg, tmp_path / "o", progress=False, seed=3, resume=True, shard_bytes=60_000)
+    assert calls["prepare"] == 1  # not fitted again
+    assert res["resumed_from_shard"] and res["fit"]["coefficients"] == full["fit"]["coefficients"]
+    got = {k: v for f in sorted((tmp_path / "o").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    want = {k: v for f in sorted((tmp_path / "full").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert not (tmp_path / "o" / "prepared.json").exists()

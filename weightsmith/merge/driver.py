@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.checkpoint import MANIFEST  # the name WorkDir keeps an interrupted run by
+from ..engine.checkpoint import MANIFEST, _write_json_atomic  # MANIFEST: the name WorkDir keeps an interrupted run by
 from ..errors import WeightsmithError
 from ..model.source import CheckpointSource
 from .config import MergeConfig, load_config
@@ -75,15 +75,23 @@ def merge(config, out, *, overwrite: bool = False, resume: bool = False, seed: i
         try:
             total = sum(t.nbytes for t in plan.tensors)
             work.check_space(int(total * 1.01) + 2**20)
+            prepared = None
             if plan.method.prepare is not None:  # a whole-model pass (aTLAS' fit), OUT locked, before any tensor is written
                 from ..engine.checkpoint import digest
 
-                plan.context, fit = plan.method.prepare(cfg, plan, sources, seed, progress)
+                prepared = _prepared(work.tmp, key, resume)
+                if prepared is None:
+                    plan.context, fit = plan.method.prepare(cfg, plan, sources, seed, progress)
+                    prepared = {"key": dict(key), "context": plan.context, "fit": fit}
+                else:
+                    plan.context, fit = prepared["context"], prepared["fit"]
                 key["fit"] = digest(fit)
         except BaseException:
             work.release()
             raise
         with work as tmp:
+            if prepared is not None:  # kept beside the shards: --resume does not fit again
+                _write_json_atomic(tmp / PREPARED, prepared)
             done = _restore(tmp, key, resume)
             computed = _write_shards(plan, sources, shards, tmp, key, done, seed, progress)
             donor = sources[names[plan.donor]]
@@ -115,6 +123,7 @@ def merge(config, out, *, overwrite: bool = False, resume: bool = False, seed: i
                 "peak_rss_mb": peak_rss_mb(),
             }
             (tmp / "report.json").write_text(dumps(report, indent=2) + "\n")
+            (tmp / PREPARED).unlink(missing_ok=True)  # a resume aid, not part of the output
     log.info("merged %d models (%s) into %s in %.1f s (peak RSS %.0f MB)", len(names), plan.method.name, out,
              report["wall_time_s"], report["peak_rss_mb"])
     return report
@@ -201,9 +210,27 @@ def _write_shards(plan: Plan, sources, shards, tmp: Path, key: dict, done: int, 
 
 
 def _commit(tmp: Path, key: dict, committed: int) -> None:
-    from ..engine.checkpoint import _write_json_atomic
-
     _write_json_atomic(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "kind": "merge", "key": key, "committed": committed})
+
+
+PREPARED = "prepared.json"
+
+
+def _prepared(tmp: Path, key: dict, resume: bool) -> dict | None:
+    """With ``resume``, what the method's whole-model pass gave an interrupted run of the same job
+    (``OUT.partial/prepared.json``: its context and report), else None: the pass runs again."""
+    path = tmp / PREPARED
+    if not resume or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise WeightsmithError(f"cannot resume: {path} is corrupt; pass --overwrite to start over") from None
+    if not isinstance(saved, dict) or saved.get("key") != json.loads(json.dumps(key)) or "context" not in saved or "fit" not in saved:
+        log.info("the interrupted run's whole-model pass (%s) was for another job: running it again", path)
+        return None
+    log.info("resuming with the whole-model pass of the interrupted run (%s)", path)
+    return saved
 
 
 def _restore(tmp: Path, key: dict, resume: bool) -> int:
