@@ -188,11 +188,13 @@ def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: 
         torch.set_num_threads(max(threads))
         res["dequant_ppl"], ref_logits = _ppl(model, windows)  # float32 head: the model as the checkpoint has it
     f32_head = model.get_output_embeddings()
-    set_head_dtype(model, head_dtype)
+    set_head_dtype(model, head_dtype, use_kernel=False)  # an int4 head: dequantized on the torch path, on the kernel on the kernel's
     fast_head = model.get_output_embeddings()
     ref_tokens = {th: decode("dequant", th) for th in threads}
     with QuantizedCheckpoint(qdir) as ckpt:
         res.update(swap_quantized_layers(model, ckpt))
+    if hasattr(fast_head, "use_kernel"):
+        fast_head.use_kernel = True
     res["kernel"] = lut.isa()
     res["ideal_packed_bytes"] = _ideal_packed_bytes(model)
     res["block_bpw"] = round(8 * res["ideal_packed_bytes"] / sum(m.in_features * m.out_features for m in model.modules()
@@ -210,6 +212,9 @@ def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: 
             p, lg = _ppl(model, windows)
             model.set_output_embeddings(fast_head)
             res[f"kernel_p{ps}_ppl"], res[f"kernel_p{ps}_kl"] = p, _kl(ref_logits, lg)
+            if head_dtype == "int4":  # what the opted-in 4-bit head costs, on the kernel
+                p, lg = _ppl(model, windows)
+                res[f"kernel_p{ps}_int4_head_ppl"], res[f"kernel_p{ps}_int4_head_kl"] = p, _kl(ref_logits, lg)
     # the floor of any runtime that keeps the transformers model around its linear layers: every linear
     # layer and the head replaced by a module that only allocates its output (no weights read at all)
     for name, m in list(model.named_modules()):
@@ -292,7 +297,7 @@ def main() -> None:
     ap.add_argument("--large-new-tokens", type=int, default=64, help="new tokens on the 1 B model (its float32 path is slow)")
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--head-dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    ap.add_argument("--head-dtype", default="bfloat16", choices=("float32", "bfloat16", "int4"))
     ap.add_argument("--no-large", action="store_true", help="SmolLM2 only")
     ap.add_argument("--no-llama", action="store_true", help="without the llama.cpp peer")
     ap.add_argument("--smoke", action="store_true", help="SmolLM2 W4 and W2, 32 new tokens, 2 windows of 256: a quick check, not a measurement")

@@ -13,6 +13,7 @@ from conftest import calib_ids, save_pico
 
 import weightsmith
 from weightsmith.cli import main
+from weightsmith.errors import WeightsmithError
 from weightsmith.kernels import LutLinear, lut
 
 LIB = lut.load_library()
@@ -231,6 +232,40 @@ def test_cli_run_and_bench_kernel(quantized, capsys):
         assert res["kernel_decode_tokens_per_s"] > 0
     else:
         assert res["kernel_decode_tokens_per_s"] is None
+
+
+def test_int4_head_is_rtn_of_the_head_on_the_kernel(quantized, capsys):
+    """--head-dtype int4 (opt-in): the head becomes a LutLinear holding RTN W4 g32 symmetric (clip
+    search) of the checkpoint's head; the tied input embedding keeps its float32 weight; bfloat16 is
+    the head's weight in bfloat16; bench-kernel runs it dequantized on the torch path."""
+    from weightsmith.config import GridConfig
+    from weightsmith.kernels.runtime import load_lut_model, set_head_dtype
+    from weightsmith.quant.rtn import rtn_quantize
+
+    model, _tok, _info = load_lut_model(quantized["w4g32"])
+    w = model.get_output_embeddings().weight.detach().clone()
+    emb = model.get_input_embeddings().weight
+    ids = calib_ids(1, 24)
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert set_head_dtype(model, "int4") == "int4"
+    head = model.get_output_embeddings()
+    assert isinstance(head, LutLinear) and head.bits == 4 and head.group == 32
+    want = rtn_quantize(w, GridConfig(bits=4, group_size=32, sym=True, clip_search=True)).weight
+    assert (head.dequantized_weight() - want).abs().max() <= 2e-3 * want.abs().max()  # fp16 scales
+    assert not torch.equal(head.dequantized_weight(), w)
+    assert model.get_input_embeddings().weight is emb and emb.dtype == torch.float32
+    with torch.no_grad():
+        got = model(ids).logits
+    assert 0 < float((got - ref).norm() / ref.norm()) < 0.2  # 4-bit rounding of a random pico head: ~0.10
+    model2, _t, _i = load_lut_model(quantized["w4g32"])
+    assert set_head_dtype(model2, "bfloat16") == "bfloat16" and model2.get_output_embeddings().weight.dtype == torch.bfloat16
+    with pytest.raises(WeightsmithError, match="head-dtype"):
+        set_head_dtype(model2, "int3")
+    assert main(["bench-kernel", str(quantized["w4g32"]), "--threads", "1", "--prompt-tokens", "8", "--new-tokens", "3",
+                 "--head-dtype", "int4", "-q"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["head_dtype"] == "int4" and res["head_packed_bytes"] < w.numel() * 4 / 5  # 4.375 bits per weight plus the last 64-row tile
 
 
 def test_cli_refuses_unquantized_dir(tmp_path, capsys):

@@ -630,9 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="threads of the kernel and of torch (default: torch's)")
     r.add_argument("--table-passes", type=int, choices=(1, 2), default=None,
                    help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
-    r.add_argument("--head-dtype", choices=("float32", "bfloat16"), default=None,
+    r.add_argument("--head-dtype", choices=("float32", "bfloat16", "int4"), default=None,
                    help="the output head's weight type (default float32, as the checkpoint keeps it; bfloat16 halves what "
-                        "each decoded token reads)")
+                        "each decoded token reads; int4 rounds the head to 4 bits on the kernel at load — an eighth of the "
+                        "bytes, and outputs that differ from the checkpoint's)")
     r.set_defaults(fn=cmd_run)
 
     bk = sub.add_parser("bench-kernel", parents=[common], help="decode tokens/s: lookup-table kernel vs the dequantized float path",
@@ -645,9 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--new-tokens", type=int, default=128)
     bk.add_argument("--table-passes", type=int, choices=(1, 2), default=None,
                     help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
-    bk.add_argument("--head-dtype", choices=("float32", "bfloat16"), default=None,
+    bk.add_argument("--head-dtype", choices=("float32", "bfloat16", "int4"), default=None,
                    help="the output head's weight type (default float32, as the checkpoint keeps it; bfloat16 halves what "
-                        "each decoded token reads, on both paths)")
+                        "each decoded token reads, on both paths; int4: rounded to 4 bits, dequantized on the torch path and "
+                        "on the kernel on the kernel's)")
     bk.set_defaults(fn=cmd_bench_kernel)
     return ap
 

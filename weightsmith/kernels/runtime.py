@@ -63,6 +63,8 @@ def swap_quantized_layers(model: nn.Module, ckpt, use_kernel: bool = True) -> di
 
 
 HEAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+HEAD_INT4 = "int4"  # opt-in: the head quantized at run time (RTN W4 g32 symmetric, clip search) onto the kernel
+HEAD_CHOICES = (*HEAD_DTYPES, HEAD_INT4)
 
 
 class _HeadIn(nn.Module):
@@ -79,19 +81,41 @@ class _HeadIn(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def set_head_dtype(model: nn.Module, dtype: str | None) -> str:
+def quantized_head(weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True, group_size: int = 32) -> LutLinear:
+    """The output head rounded to 4 bits (RTN, groups of 32, symmetric, the grid's clip search) as a
+    :class:`LutLinear` — a copy: a tied input embedding keeps its float32 weight. It changes the
+    model's outputs (the checkpoint's head stays float): the user opts in."""
+    from ..config import GridConfig
+    from ..quant.rtn import rtn_quantize
+
+    w = weight.detach().float()
+    gs = group_size if w.shape[1] % group_size == 0 else w.shape[1]
+    res = rtn_quantize(w, GridConfig(bits=4, group_size=gs, sym=True, clip_search=True))
+    gi = res.g_idx.long()
+    q = torch.clamp(torch.round(w / res.scale[:, gi]) + res.zero[:, gi], 0, 15).to(torch.int32)
+    return LutLinear(lut.pack(q, res.scale, res.zero, res.g_idx, 4), bias, use_kernel=use_kernel)
+
+
+def set_head_dtype(model: nn.Module, dtype: str | None, use_kernel: bool = True) -> str:
     """Put the model's output head (``get_output_embeddings()``, float32 as the checkpoint keeps it) in
-    ``dtype`` ("float32" leaves it as it is; "bfloat16" halves the bytes every decoded token reads).
-    Returns the head's dtype name."""
+    ``dtype``: "float32" leaves it as it is; "bfloat16" halves the bytes every decoded token reads
+    there; "int4" rounds it to 4 bits on the kernel (:func:`quantized_head`: an eighth of the bytes,
+    and other outputs). Returns the head's dtype name."""
     if dtype is None or dtype == "float32":
         return "float32"
-    if dtype not in HEAD_DTYPES:
-        raise WeightsmithError(f"--head-dtype must be one of {', '.join(HEAD_DTYPES)}, not {dtype!r}")
+    if dtype not in HEAD_CHOICES:
+        raise WeightsmithError(f"--head-dtype must be one of {', '.join(HEAD_CHOICES)}, not {dtype!r}")
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear:
         raise WeightsmithError(f"--head-dtype {dtype}: the model's output head is a {type(head).__name__}, not nn.Linear")
-    new = _HeadIn(head.weight.detach().to(HEAD_DTYPES[dtype]).contiguous(),
-                  None if head.bias is None else head.bias.detach().float().clone())
+    bias = None if head.bias is None else head.bias.detach().float().clone()
+    if dtype == HEAD_INT4:
+        try:
+            new = quantized_head(head.weight, bias, use_kernel=use_kernel)
+        except ValueError as e:  # scales the kernel layout cannot hold (lut.pack)
+            raise WeightsmithError(f"--head-dtype int4: {e}") from None
+    else:
+        new = _HeadIn(head.weight.detach().to(HEAD_DTYPES[dtype]).contiguous(), bias)
     model.set_output_embeddings(new)
     return dtype
 
@@ -230,8 +254,9 @@ def bench_kernel(path: str | Path, threads: int | None = None, prompt_tokens: in
     ckpt = QuantizedCheckpoint(path)
     model, tok = load_float(path)
     ids = prompt_ids(tok, prompt_tokens, model.config.vocab_size)
+    # an int4 head runs dequantized (float32 matmul of its rounded weight) on the dequantized path, on the kernel on the kernel's
     res = {"model": str(path), **_scheme(ckpt), "threads": threads, "table_passes": passes,
-           "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "head_dtype": set_head_dtype(model, head_dtype)}
+           "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "head_dtype": set_head_dtype(model, head_dtype, use_kernel=False)}
 
     def timed(tag):
         greedy(model, ids[:, : min(8, prompt_tokens)], warmup_tokens)
@@ -243,6 +268,10 @@ def bench_kernel(path: str | Path, threads: int | None = None, prompt_tokens: in
     ref = timed("dequant")
     with ckpt:
         res.update(swap_quantized_layers(model, ckpt))
+    head = model.get_output_embeddings()
+    if isinstance(head, LutLinear):
+        head.use_kernel = True
+        res["head_packed_bytes"] = head.packed_nbytes()
     res.update(kernel_info())
     if lut.available():
         got = timed("kernel")
