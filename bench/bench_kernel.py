@@ -60,6 +60,7 @@ def _llama_peers(src: Path, work: Path, bits: list[int]) -> dict[int, Path]:
     import llama_cpp
 
     peers = {}
+    work.mkdir(parents=True, exist_ok=True)  # llama.cpp's writer fails with a bare iostream error on a missing directory
     for b in bits:
         t = LLAMA_TYPES[b]
         dst = work / f"{src.stem}.{t}.gguf"
