@@ -32,6 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, CALIB, EVAL, run_cli, smollm2_float_dir, write_results  # noqa: E402
 
+from weightsmith.kernels import LutLinear  # noqa: E402
+from weightsmith.kernels.runtime import HEAD_CHOICES  # noqa: E402
+
 
 LLAMA_TYPES = {4: "Q4_0", 3: "Q3_K_S", 2: "Q2_K"}  # the nearest llama.cpp file type at each width
 LARGE = {"layers": 18, "hidden": 2048, "inter": 5632, "heads": 32, "kv_heads": 8}  # ~1.0 B parameters, untied head
@@ -121,8 +124,6 @@ def llama_decode(gguf: Path, ids: list[int], new_tokens: int, threads: int) -> d
 def _ideal_packed_bytes(model) -> int:
     """The checkpoint's packed size of the layers on the kernel: codes at ``bits`` bits, an fp16 scale and a
     ``bits``-bit zero per row and group (GPTQ's storage), biases in float32."""
-    from weightsmith.kernels import LutLinear
-
     tot = 0
     for m in model.modules():
         if isinstance(m, LutLinear):
@@ -194,7 +195,7 @@ def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: 
     ref_tokens = {th: decode("dequant", th) for th in threads}
     with QuantizedCheckpoint(qdir) as ckpt:
         res.update(swap_quantized_layers(model, ckpt))
-    if hasattr(fast_head, "use_kernel"):
+    if isinstance(fast_head, LutLinear):
         fast_head.use_kernel = True
     res["kernel"] = lut.isa()
     res["ideal_packed_bytes"] = _ideal_packed_bytes(model)
@@ -298,7 +299,7 @@ def main() -> None:
     ap.add_argument("--large-new-tokens", type=int, default=64, help="new tokens on the 1 B model (its float32 path is slow)")
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--head-dtype", default="bfloat16", choices=("float32", "bfloat16", "int4"))
+    ap.add_argument("--head-dtype", default="bfloat16", choices=HEAD_CHOICES)
     ap.add_argument("--no-large", action="store_true", help="SmolLM2 only")
     ap.add_argument("--no-llama", action="store_true", help="without the llama.cpp peer")
     ap.add_argument("--smoke", action="store_true", help="SmolLM2 W4 and W2, 32 new tokens, 2 windows of 256: a quick check, not a measurement")

@@ -262,6 +262,10 @@ def test_int4_head_is_rtn_of_the_head_on_the_kernel(quantized, capsys):
     assert set_head_dtype(model2, "bfloat16") == "bfloat16" and model2.get_output_embeddings().weight.dtype == torch.bfloat16
     with pytest.raises(WeightsmithError, match="head-dtype"):
         set_head_dtype(model2, "int3")
+    from weightsmith import cli
+    from weightsmith.kernels.runtime import HEAD_CHOICES
+
+    assert cli.HEAD_DTYPES == HEAD_CHOICES  # the parser's own spelling of the choices
     assert main(["bench-kernel", str(quantized["w4g32"]), "--threads", "1", "--prompt-tokens", "8", "--new-tokens", "3",
                  "--head-dtype", "int4", "-q"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -10,6 +10,8 @@ from . import __version__
 from .errors import WeightsmithError
 from .validate import dumps
 
+HEAD_DTYPES = ("float32", "bfloat16", "int4")  # kernels.runtime.HEAD_CHOICES, spelled here: the parser imports no torch
+
 log = logging.getLogger("weightsmith")
 
 
@@ -630,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="threads of the kernel and of torch (default: torch's)")
     r.add_argument("--table-passes", type=int, choices=(1, 2), default=None,
                    help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
-    r.add_argument("--head-dtype", choices=("float32", "bfloat16", "int4"), default=None,
+    r.add_argument("--head-dtype", choices=HEAD_DTYPES, default=None,
                    help="the output head's weight type (default float32, as the checkpoint keeps it; bfloat16 halves what "
                         "each decoded token reads; int4 rounds the head to 4 bits on the kernel at load — an eighth of the "
                         "bytes, and outputs that differ from the checkpoint's)")
@@ -646,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--new-tokens", type=int, default=128)
     bk.add_argument("--table-passes", type=int, choices=(1, 2), default=None,
                     help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
-    bk.add_argument("--head-dtype", choices=("float32", "bfloat16", "int4"), default=None,
+    bk.add_argument("--head-dtype", choices=HEAD_DTYPES, default=None,
                    help="the output head's weight type (default float32, as the checkpoint keeps it; bfloat16 halves what "
                         "each decoded token reads, on both paths; int4: rounded to 4 bits, dequantized on the torch path and "
                         "on the kernel on the kernel's)")

@@ -86,13 +86,14 @@ def quantized_head(weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: 
     :class:`LutLinear` — a copy: a tied input embedding keeps its float32 weight. It changes the
     model's outputs (the checkpoint's head stays float): the user opts in."""
     from ..config import GridConfig
+    from ..quant.grid import codes
     from ..quant.rtn import rtn_quantize
 
     w = weight.detach().float()
     gs = group_size if w.shape[1] % group_size == 0 else w.shape[1]
     res = rtn_quantize(w, GridConfig(bits=4, group_size=gs, sym=True, clip_search=True))
     gi = res.g_idx.long()
-    q = torch.clamp(torch.round(w / res.scale[:, gi]) + res.zero[:, gi], 0, 15).to(torch.int32)
+    q = codes(w, res.scale[:, gi], res.zero[:, gi], 4).to(torch.int32)
     return LutLinear(lut.pack(q, res.scale, res.zero, res.g_idx, 4), bias, use_kernel=use_kernel)
 
 

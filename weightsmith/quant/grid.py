@@ -32,10 +32,14 @@ def _range_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool) 
     return scale, zero
 
 
+def codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer codes (as floats, in ``[0, maxq]``) of ``w`` on the grid of broadcastable ``scale``/``zero``."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq(bits))
+
+
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Round ``w`` onto the grid given by broadcastable ``scale``/``zero``; returns dequantized values."""
-    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq(bits))
-    return scale * (q - zero)
+    return scale * (codes(w, scale, zero, bits) - zero)
 
 
 def find_params(w: torch.Tensor, grid: GridConfig) -> tuple[torch.Tensor, torch.Tensor]:

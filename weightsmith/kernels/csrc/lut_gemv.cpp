@@ -362,6 +362,15 @@ __attribute__((target("avx2,fma"))) inline void add_pair(__m256i l, __m256i wpp,
     }
 }
 
+// vpmaddubsw weights of the odd last plane's lookups (see single_avx2): byte (w, 0) for even bytes, (0, w)
+// for odd bytes, w = 2^(bits-1) on the uniform grid, 1 for an HLQ plane (its own accumulators).
+template <bool PLANES>
+__attribute__((target("avx2"))) inline void odd_plane_weights(int bits, __m256i* we, __m256i* wo) {
+    const short v = PLANES ? 1 : (short)(1 << (bits - 1));
+    *we = _mm256_set1_epi16(v);
+    *wo = _mm256_set1_epi16((short)(v << 8));
+}
+
 // One tile of 64 rows, one token: the 64 outputs in natural row order into out64.
 template <bool PLANES>
 __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const Args& A, int64_t tile, const int8_t* tab, const float* ls,
@@ -372,8 +381,8 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const Args& A, int64_t t
     const __m256i mask = _mm256_set1_epi8(0x0F);
     const __m256i wp0 = pair_weights(0, bits), wp1 = pair_weights(2, bits);
     const __m256i w10 = _mm256_set1_epi16(1), w01 = _mm256_set1_epi16(1 << 8);
-    const __m256i we = PLANES ? w10 : _mm256_set1_epi16((short)(1 << (bits - 1)));
-    const __m256i wo = PLANES ? w01 : _mm256_set1_epi16((short)((1 << (bits - 1)) << 8));
+    __m256i we, wo;
+    odd_plane_weights<PLANES>(bits, &we, &wo);
     __m256 o[8];
     for (int k = 0; k < 8; ++k) o[k] = _mm256_setzero_ps();
     const uint8_t* w = A.w + tile * nb * F * qbytes;
@@ -416,9 +425,7 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const Args& A, int64_t t
 }
 
 // ---------------------------------------------------------------- AVX-512 (BW)
-// A plane pair's 64-byte chunk in one zmm: the quad's table broadcast to the 4 lanes; low nibbles
-// give rows 0-15 (lanes 0-1) and 32-47 (lanes 2-3), high nibbles rows 16-31 and 48-63.
-// NT tokens at once (prompts): the weight loads and nibble extraction are shared, the lookups not.
+// add_pair on 64 bytes (two 32-byte lookup results side by side).
 template <bool PLANES>
 __attribute__((target("avx512f,avx512bw"))) inline void add_pair512(__m512i l, __m512i wpp, __m512i w10, __m512i w01, __m512i* ae, __m512i* ao) {
     if (PLANES) {
@@ -429,6 +436,9 @@ __attribute__((target("avx512f,avx512bw"))) inline void add_pair512(__m512i l, _
     }
 }
 
+// A plane pair's 64-byte chunk in one zmm: the quad's table broadcast to the 4 lanes; low nibbles
+// give rows 0-15 (lanes 0-1) and 32-47 (lanes 2-3), high nibbles rows 16-31 and 48-63.
+// NT tokens at once (prompts): the weight loads and nibble extraction are shared, the lookups not.
 template <int NT, bool PLANES>
 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void tile_avx512(const Args& A, int64_t tile, const int8_t* const* tab,
                                                                       const float* const* ls, const float* const* asum,
@@ -440,8 +450,8 @@ __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void tile_avx512(const
     const __m256i mask256 = _mm256_set1_epi8(0x0F);
     const __m512i wp0 = _mm512_set1_epi16((short)(1 | (2 << 8))), wp1 = _mm512_set1_epi16((short)(4 | (8 << 8)));
     const __m512i w10 = _mm512_set1_epi16(1), w01 = _mm512_set1_epi16(1 << 8);
-    const __m256i we = PLANES ? _mm256_set1_epi16(1) : _mm256_set1_epi16((short)(1 << (bits - 1)));
-    const __m256i wo = PLANES ? _mm256_set1_epi16(1 << 8) : _mm256_set1_epi16((short)((1 << (bits - 1)) << 8));
+    __m256i we, wo;
+    odd_plane_weights<PLANES>(bits, &we, &wo);
     __m256 o[NT][8];
     for (int n = 0; n < NT; ++n)
         for (int k = 0; k < 8; ++k) o[n][k] = _mm256_setzero_ps();
