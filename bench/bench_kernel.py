@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, CALIB, EVAL, run_cli, smollm2_float_dir, write_results  # noqa: E402
 
 from weightsmith.kernels import LutLinear  # noqa: E402
-from weightsmith.kernels.runtime import HEAD_CHOICES  # noqa: E402
+from weightsmith.kernels.runtime import HEAD_CHOICES, Int8Head  # noqa: E402
 
 
 LLAMA_TYPES = {4: "Q4_0", 3: "Q3_K_S", 2: "Q2_K"}  # the nearest llama.cpp file type at each width
@@ -190,13 +190,15 @@ def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: 
         torch.set_num_threads(max(threads))
         res["dequant_ppl"], ref_logits = _ppl(model, windows)  # float32 head: the model as the checkpoint has it
     f32_head = model.get_output_embeddings()
-    set_head_dtype(model, head_dtype, use_kernel=False)  # an int4 head: dequantized on the torch path, on the kernel on the kernel's
+    set_head_dtype(model, head_dtype, use_kernel=False)  # a rounded head (int8, int4): dequantized on the torch path, on its kernel on the kernel's
     fast_head = model.get_output_embeddings()
     ref_tokens = {th: decode("dequant", th) for th in threads}
     with QuantizedCheckpoint(qdir) as ckpt:
         res.update(swap_quantized_layers(model, ckpt))
-    if isinstance(fast_head, LutLinear):
+    if isinstance(fast_head, LutLinear):  # a rounded head on its kernel from here
         fast_head.use_kernel = True
+    elif isinstance(fast_head, Int8Head):
+        fast_head.use_kernel = Int8Head.available()
     res["kernel"] = lut.isa()
     res["ideal_packed_bytes"] = _ideal_packed_bytes(model)
     res["block_bpw"] = round(8 * res["ideal_packed_bytes"] / sum(m.in_features * m.out_features for m in model.modules()
@@ -214,9 +216,9 @@ def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: 
             p, lg = _ppl(model, windows)
             model.set_output_embeddings(fast_head)
             res[f"kernel_p{ps}_ppl"], res[f"kernel_p{ps}_kl"] = p, _kl(ref_logits, lg)
-            if head_dtype == "int4":  # what the opted-in 4-bit head costs, on the kernel
+            if head_dtype in ("int4", "int8"):  # what the opted-in rounded head costs, on its kernel
                 p, lg = _ppl(model, windows)
-                res[f"kernel_p{ps}_int4_head_ppl"], res[f"kernel_p{ps}_int4_head_kl"] = p, _kl(ref_logits, lg)
+                res[f"kernel_p{ps}_{head_dtype}_head_ppl"], res[f"kernel_p{ps}_{head_dtype}_head_kl"] = p, _kl(ref_logits, lg)
     # the floor of any runtime that keeps the transformers model around its linear layers: every linear
     # layer and the head replaced by a module that only allocates its output (no weights read at all)
     for name, m in list(model.named_modules()):

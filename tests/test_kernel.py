@@ -272,6 +272,42 @@ def test_int4_head_is_rtn_of_the_head_on_the_kernel(quantized, capsys):
     assert res["head_dtype"] == "int4" and res["head_packed_bytes"] < w.numel() * 4 / 5  # 4.375 bits per weight plus the last 64-row tile
 
 
+def test_int8_head_rounds_each_row_and_runs_on_torchs_int8_matmul(quantized, capsys):
+    """--head-dtype int8 (opt-in): the head becomes int8 codes with one float32 scale per row
+    (absmax / 127, round to nearest); torch's int8 weight-only matmul gives the float32 matmul of the
+    rounded weight; the logits move far less than with the 4-bit head; the tied embedding is kept."""
+    from weightsmith.kernels.runtime import Int8Head, load_lut_model, set_head_dtype
+
+    model, _tok, _info = load_lut_model(quantized["w4g32"])
+    w = model.get_output_embeddings().weight.detach().clone()
+    emb = model.get_input_embeddings().weight
+    ids = calib_ids(2, 24)
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert set_head_dtype(model, "int8") == "int8"
+    head = model.get_output_embeddings()
+    assert isinstance(head, Int8Head) and head.qweight.dtype == torch.int8 and head.packed_nbytes() == w.numel() + 4 * w.shape[0]
+    scale = w.abs().amax(1) / 127
+    assert torch.equal(head.qweight, torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+    assert (head.dequantized_weight() - w).abs().max() <= 0.5 * scale.max() * (1 + 1e-5)
+    assert model.get_input_embeddings().weight is emb and emb.dtype == torch.float32
+    with torch.no_grad():
+        got = model(ids).logits
+        head.use_kernel = False
+        got_ref = model(ids).logits
+    rel = float((got - ref).norm() / ref.norm())
+    assert 0 < rel < 0.02  # int8 rounding of a random pico head: ~0.005 (the int4 head: ~0.10)
+    assert Int8Head.available() and float((got - got_ref).abs().max()) <= 1e-4 * float(got_ref.abs().max())
+    x = torch.zeros(1, 3, w.shape[1])
+    assert torch.equal(Int8Head(torch.zeros_like(w), None)(x), torch.zeros(1, 3, w.shape[0]))  # an all-zero row: scale stays finite
+    with pytest.raises(WeightsmithError, match="non-finite"):
+        Int8Head(torch.full_like(w, float("nan")), None)
+    assert main(["bench-kernel", str(quantized["w4g32"]), "--threads", "1", "--prompt-tokens", "8", "--new-tokens", "3",
+                 "--head-dtype", "int8", "-q"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["head_dtype"] == "int8" and res["head_packed_bytes"] == w.numel() + 4 * w.shape[0]
+
+
 def test_cli_refuses_unquantized_dir(tmp_path, capsys):
     src = save_pico(tmp_path / "pico", "llama")
     assert main(["bench-kernel", str(src), "-q"]) == 2

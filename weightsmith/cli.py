@@ -10,7 +10,7 @@ from . import __version__
 from .errors import WeightsmithError
 from .validate import dumps
 
-HEAD_DTYPES = ("float32", "bfloat16", "int4")  # kernels.runtime.HEAD_CHOICES, spelled here: the parser imports no torch
+HEAD_DTYPES = ("float32", "bfloat16", "int8", "int4")  # kernels.runtime.HEAD_CHOICES, spelled here: the parser imports no torch
 
 log = logging.getLogger("weightsmith")
 
@@ -634,8 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
     r.add_argument("--head-dtype", choices=HEAD_DTYPES, default=None,
                    help="the output head's weight type (default float32, as the checkpoint keeps it; bfloat16 halves what "
-                        "each decoded token reads; int4 rounds the head to 4 bits on the kernel at load — an eighth of the "
-                        "bytes, and outputs that differ from the checkpoint's)")
+                        "each decoded token reads; int8 rounds the head per row at load — a quarter of the bytes, torch's "
+                        "int8 weight-only matmul, outputs within ~0.1%% of the checkpoint's; int4 rounds it to 4 bits on the "
+                        "kernel at load — an eighth of the bytes, and outputs that differ from the checkpoint's)")
     r.set_defaults(fn=cmd_run)
 
     bk = sub.add_parser("bench-kernel", parents=[common], help="decode tokens/s: lookup-table kernel vs the dequantized float path",
@@ -650,8 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
     bk.add_argument("--head-dtype", choices=HEAD_DTYPES, default=None,
                    help="the output head's weight type (default float32, as the checkpoint keeps it; bfloat16 halves what "
-                        "each decoded token reads, on both paths; int4: rounded to 4 bits, dequantized on the torch path and "
-                        "on the kernel on the kernel's)")
+                        "each decoded token reads, on both paths; int8 (per row) and int4 (g32): rounded at load, multiplied "
+                        "dequantized on the torch path and by the int8 / lookup-table kernel on the kernel's)")
     bk.set_defaults(fn=cmd_bench_kernel)
     return ap
 

@@ -64,7 +64,8 @@ def swap_quantized_layers(model: nn.Module, ckpt, use_kernel: bool = True) -> di
 
 HEAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 HEAD_INT4 = "int4"  # opt-in: the head quantized at run time (RTN W4 g32 symmetric, clip search) onto the kernel
-HEAD_CHOICES = (*HEAD_DTYPES, HEAD_INT4)
+HEAD_INT8 = "int8"  # opt-in: the head rounded at run time to int8 per row (symmetric), torch's int8 weight-only matmul
+HEAD_CHOICES = (*HEAD_DTYPES, HEAD_INT8, HEAD_INT4)
 
 
 class _HeadIn(nn.Module):
@@ -97,11 +98,53 @@ def quantized_head(weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: 
     return LutLinear(lut.pack(q, res.scale, res.zero, res.g_idx, 4), bias, use_kernel=use_kernel)
 
 
+class Int8Head(nn.Module):
+    """The output head rounded to int8, one float32 scale per output row (symmetric, ``absmax / 127``,
+    round to nearest) — a copy: a tied input embedding keeps its float32 weight. ``use_kernel``: the
+    matmul is torch's int8 weight-only kernel (``aten._weight_int8pack_mm``: a quarter of a float32
+    head's bytes read per token, the int8 weights widened in registers); otherwise the float32 matmul
+    of the rounded weight (the dequantized path's reference, the same outputs within float rounding)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True):
+        super().__init__()
+        w = weight.detach().float()
+        if not torch.isfinite(w).all():
+            raise WeightsmithError("--head-dtype int8: the output head has non-finite weights")
+        scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), persistent=False)
+        self.register_buffer("scale", scale.contiguous(), persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.out_features, self.in_features = w.shape
+        self.use_kernel = use_kernel and self.available()
+
+    @staticmethod
+    def available() -> bool:
+        """Whether this torch build has the int8 weight-only matmul (else the float32 matmul serves)."""
+        return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def packed_nbytes(self) -> int:
+        return self.qweight.numel() + 4 * self.scale.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        if self.use_kernel:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
+        else:
+            y = x2 @ self.dequantized_weight().T
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
 def set_head_dtype(model: nn.Module, dtype: str | None, use_kernel: bool = True) -> str:
     """Put the model's output head (``get_output_embeddings()``, float32 as the checkpoint keeps it) in
     ``dtype``: "float32" leaves it as it is; "bfloat16" halves the bytes every decoded token reads
-    there; "int4" rounds it to 4 bits on the kernel (:func:`quantized_head`: an eighth of the bytes,
-    and other outputs). Returns the head's dtype name."""
+    there; "int8" rounds it to int8 per row (:class:`Int8Head`: a quarter of the bytes, outputs within
+    ~0.1 % of the checkpoint's); "int4" rounds it to 4 bits on the kernel (:func:`quantized_head`: an
+    eighth of the bytes, and other outputs). ``use_kernel=False``: the rounded heads multiply as float32
+    (the dequantized path). Returns the head's dtype name."""
     if dtype is None or dtype == "float32":
         return "float32"
     if dtype not in HEAD_CHOICES:
@@ -115,6 +158,8 @@ def set_head_dtype(model: nn.Module, dtype: str | None, use_kernel: bool = True)
             new = quantized_head(head.weight, bias, use_kernel=use_kernel)
         except ValueError as e:  # scales the kernel layout cannot hold (lut.pack)
             raise WeightsmithError(f"--head-dtype int4: {e}") from None
+    elif dtype == HEAD_INT8:
+        new = Int8Head(head.weight, bias, use_kernel=use_kernel)
     else:
         new = _HeadIn(head.weight.detach().to(HEAD_DTYPES[dtype]).contiguous(), bias)
     model.set_output_embeddings(new)
@@ -255,7 +300,7 @@ def bench_kernel(path: str | Path, threads: int | None = None, prompt_tokens: in
     ckpt = QuantizedCheckpoint(path)
     model, tok = load_float(path)
     ids = prompt_ids(tok, prompt_tokens, model.config.vocab_size)
-    # an int4 head runs dequantized (float32 matmul of its rounded weight) on the dequantized path, on the kernel on the kernel's
+    # a rounded head (int8, int4) runs dequantized (float32 matmul of its rounded weight) on the dequantized path, on its kernel on the kernel's
     res = {"model": str(path), **_scheme(ckpt), "threads": threads, "table_passes": passes,
            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "head_dtype": set_head_dtype(model, head_dtype, use_kernel=False)}
 
@@ -270,8 +315,8 @@ def bench_kernel(path: str | Path, threads: int | None = None, prompt_tokens: in
     with ckpt:
         res.update(swap_quantized_layers(model, ckpt))
     head = model.get_output_embeddings()
-    if isinstance(head, LutLinear):
-        head.use_kernel = True
+    if isinstance(head, (LutLinear, Int8Head)):  # a rounded head: on its kernel from here
+        head.use_kernel = isinstance(head, LutLinear) or Int8Head.available()
         res["head_packed_bytes"] = head.packed_nbytes()
     res.update(kernel_info())
     if lut.available():
