@@ -155,6 +155,18 @@ def test_loss_below_magnitude_gradual_and_window_grads(pico_lm, tmp_path):
     lg = _loss(dense, ids)
     assert all(float((get_weight(m) == 0).float().mean()) == pytest.approx(0.6, abs=1e-3) for m in layers.values())
     assert lg - ld < 0.7 * (lo - ld), (lg, lo)
+    # the same gradual pruning as a recipe step (rounds 1-2 in the step's gradient hook, round 3 streamed): the in-memory result
+    rep3 = weightsmith.quantize(pico_lm, {"method": "obert:sparsity=0.6:fisher_block=32:rounds=3"}, ids, out=tmp_path / "g", progress=False)
+    g = from_pretrained(AutoModelForCausalLM, tmp_path / "g").eval()
+    gm = dict(g.named_modules())
+    for n, m in layers.items():
+        mine, theirs = get_weight(gm[n]), get_weight(m)
+        # the same masks up to near-ties that the two Fisher sums (2 vs 4 windows per chunk) round apart (measured ≥ 99.7 %)
+        assert float(((mine == 0) == (theirs == 0)).float().mean()) > 0.995, n
+    assert _loss(g, ids) == pytest.approx(lg, abs=1e-3)  # measured 2.74438 vs 2.74443 in memory; one-shot 2.771
+    row = next(r for r in rep3["layers"] if r["name"] == L0 + "mlp.up_proj")
+    assert row["measured_density"] == pytest.approx(0.4, abs=1e-3)
+    assert row["weight_error"] > next(r for r in rep["layers"] if r["name"] == L0 + "mlp.up_proj")["weight_error"] * 0.5  # vs the dense weights
 
 
 def test_recipe_cli_and_refusals(pico, calib_file, tmp_path, capsys):
@@ -176,6 +188,20 @@ def test_recipe_cli_and_refusals(pico, calib_file, tmp_path, capsys):
     one = weightsmith.quantize(src, {"method": "obert:fisher_block=16"}, ids, out=tmp_path / "a", progress=False)
     many = weightsmith.quantize(src, {"method": "obert:fisher_block=16:fisher_memory_mb=0.2"}, ids, out=tmp_path / "b", progress=False)
     assert [r["weight_error"] for r in one["layers"]] == pytest.approx([r["weight_error"] for r in many["layers"]], rel=1e-5)
+    # gradual 2:4 (unstructured earlier rounds, the pattern in the last) with a per-layer rule: layer 1's MLP kept dense
+    rule = {"match": r"layers\.1\.mlp", "skip": True}
+    gr = weightsmith.quantize(src, {"method": "obert:pattern=2:4:fisher_block=16:rounds=2", "rules": [rule]}, ids, out=tmp_path / "g", progress=False)
+    rows = {r["name"]: r for r in gr["layers"]}
+    assert "2:4" in rows[L0 + "mlp.down_proj"]["nm"] and rows[L0 + "mlp.down_proj"]["measured_density"] <= 0.5
+    assert all(r.get("skipped") for n, r in rows.items() if n.startswith("model.layers.1.mlp"))
+    from weightsmith.model.source import CheckpointSource
+
+    key = "model.layers.1.mlp.up_proj.weight"
+    with CheckpointSource(tmp_path / "g") as got, CheckpointSource(src) as orig:
+        assert torch.equal(got.get(key), orig.get(key))  # dense: in no round pruned
+    with pytest.raises(WeightsmithError, match="rounds or fisher_block"):
+        weightsmith.quantize(src, {"method": "obert:fisher_block=16:rounds=2", "rules": [{"match": "q_proj", "steps": {"obert": {"rounds": 3}}}]},
+                             ids, out=tmp_path / "r", progress=False)
     bert = pico("bert")
     with pytest.raises(WeightsmithError, match="causal LM"):
         weightsmith.quantize(bert, {"method": "obert"}, ids, out=tmp_path / "e", progress=False)

@@ -154,7 +154,7 @@ def _quantize(model, cfg: QuantizeConfig, calibration, out: Path, overwrite: boo
         ckpt = Checkpointer(tmp, key, len(lm.blocks), rank=0 if dist is None else dist.rank,
                             world=1 if dist is None else dist.world, resume=resume,
                             barrier=dist.barrier if dist is not None else None)
-        grads = _gradients(lm, cfg, ids, tmp, progress, source) if needs & {"block_fisher", "weight_fisher"} else None
+        grads = _gradients(lm, cfg, ids, tmp, progress, source, rules) if needs & {"block_fisher", "weight_fisher"} else None
         res = stream_quantize(lm, cfg, ids, tmp, progress=progress, save_dtype=sdt, ckpt=ckpt, dist=dist, rules=rules, grads=grads)
         if not rank0:
             return {"rank": dist.rank, "blocks_computed": res.computed}
@@ -190,22 +190,29 @@ def _quantize(model, cfg: QuantizeConfig, calibration, out: Path, overwrite: boo
 PLAN_FILE = "plan.json"
 
 
-def _gradients(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor, tmp: Path, progress: bool, source=None) -> dict:
+def _gradients(lm: LazyModel, cfg: QuantizeConfig, ids: torch.Tensor, tmp: Path, progress: bool, source=None,
+               rules: list | None = None) -> dict:
     """The gradient needs (``block_fisher``, ``weight_fisher``): the whole-model gradient passes
     (``engine/fisher.py``) for the step that asks, with what its config's ``gradient_request()`` gives
-    (block size, windows, memory per pass, a domain calibration source)."""
+    (block size, windows, memory per pass, a domain calibration source) — or the step's own
+    ``gradients`` hook when it registered one (its statistics over several rounds, say)."""
     from .engine.fisher import block_fisher, weight_fisher
 
     names = [l.name for i in range(len(lm.blocks)) for l in lm.layers(i, cfg.ignore)]
     out: dict = {}
     for need in ("block_fisher", "weight_fisher"):
-        reqs = [s.gradient_request() for s in cfg.steps if need in registry.get(s.name).needs(s)]
-        if not reqs:
+        asking = [s for s in cfg.steps if need in registry.get(s.name).needs(s)]
+        if not asking:
             continue
-        if len(reqs) > 1:
+        if len(asking) > 1:
             raise WeightsmithError(f"two steps of the recipe need the {need.replace('_', ' ')}; give one of them")
-        req = reqs[0]
+        step = asking[0]
+        req = step.gradient_request()
         n = int(req.get("samples") or ids.shape[0])
+        hook = registry.get(step.name).gradients
+        if hook is not None:
+            out.update(hook(lm, cfg, step, ids[:n], names, tmp / "fisher", progress, list(rules or [])))
+            continue
         if need == "block_fisher":
             out[need] = block_fisher(lm, ids[:n], names, req["block"], memory_mb=req["memory_mb"], directory=tmp / "fisher", progress=progress)
             continue

@@ -46,18 +46,25 @@ def _check_causal(lm: LazyModel, what: str) -> None:
 
 
 def gradient_pass(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], consume: Callable[[str, torch.Tensor, torch.Tensor], None],
-                  chunk: int = 2, progress: bool = True, per_window_mean: bool = False, desc: str = "gradients") -> int:
+                  chunk: int = 2, progress: bool = True, per_window_mean: bool = False, desc: str = "gradients",
+                  weights: dict[str, torch.Tensor] | None = None) -> int:
     """One forward+backward of the whole float model over ``ids``; ``consume(name, x, dy)`` per layer and chunk
     (float32, (b, T, in) and (b, T, out)). The loss is summed over tokens, or (``per_window_mean``) the sum over
-    windows of each window's mean token loss. Returns the number of predicted tokens."""
+    windows of each window's mean token loss. ``weights`` ({layer: (out, in)}) replace those linear layers'
+    checkpoint weights for this pass (a gradual step's model as changed so far). Returns the number of
+    predicted tokens."""
     lm.load_outside()
     for i in range(len(lm.blocks)):
         lm.load_block(i)
     model = lm.model
     mods = dict(model.named_modules())
-    missing = [n for n in layer_names if n not in mods or not is_linear(mods[n])]
+    missing = [n for n in [*layer_names, *(weights or {})] if n not in mods or not is_linear(mods[n])]
     if missing:
         raise WeightsmithError(f"gradient pass: no linear layer {missing[0]}")
+    for n, w in (weights or {}).items():
+        if tuple(w.shape) != tuple(mods[n].weight.shape):
+            raise WeightsmithError(f"gradient pass: the weight given for {n} is {tuple(w.shape)}, the layer's {tuple(mods[n].weight.shape)}")
+        mods[n].weight.data = w.to(mods[n].weight.device, mods[n].weight.dtype)
     hooks, inputs = [], {}
 
     def watch(name):
@@ -159,8 +166,10 @@ class BlockFisher:
 
 
 def block_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], block: int, *, memory_mb: float = 4096,
-                 directory: Path | None = None, chunk: int = 2, progress: bool = True) -> BlockFisher:
-    """The block-diagonal empirical Fisher of every layer (module docstring), in passes of at most ``memory_mb``."""
+                 directory: Path | None = None, chunk: int = 2, progress: bool = True,
+                 weights: dict[str, torch.Tensor] | None = None, desc: str = "block Fisher") -> BlockFisher:
+    """The block-diagonal empirical Fisher of every layer (module docstring), in passes of at most ``memory_mb``;
+    ``weights`` as in :func:`gradient_pass` (the model the gradients are taken of)."""
     _check_causal(lm, "the block Fisher (oBERT)")
     shapes = {n: tuple(lm.source.shape(k)) for n, k in _weight_keys(lm, layer_names).items()}
     sizes = {n: -(-(shapes[n][0] * shapes[n][1]) // block) * block * block * 4 for n in layer_names}
@@ -185,7 +194,7 @@ def block_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], block
             _accumulate(acc, name, torch.einsum("bnk,bnl->nkl", gb, gb).cpu())
 
         gradient_pass(lm, ids, names, consume, chunk, progress, per_window_mean=True,
-                      desc=f"block Fisher {k + 1}/{len(passes)}" if spill else "block Fisher")
+                      desc=f"{desc} {k + 1}/{len(passes)}" if spill else desc, weights=weights)
         out = {n: acc[n] / m for n in names if n in acc}
         _finite(out, "block Fisher")
         if spill:

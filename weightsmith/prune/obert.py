@@ -15,11 +15,16 @@ consecutive inputs (N:M; ``B`` and the width must be multiples of ``M`` so that 
 blocks) is pruned, and within each block the kept weights get the multi-weight OBS update
 ``δw = −F⁻¹ E_Q (E_Qᵀ F⁻¹ E_Q)⁻¹ E_Qᵀ w`` for its pruned set ``Q``.
 
-**Gradual** (``steps = k > 1``): ``k`` rounds to the target on the cubic schedule
-``s_j = s (1 − (1 − j/k)³)``, the Fisher re-estimated on the model as pruned so far before each round
-(masks nested). Cost: ``k`` gradient passes (each ``ceil(Fisher bytes / fisher_memory_mb)`` forward+
-backward passes of the whole model over the calibration windows) instead of one — :func:`obert_gradual`
-runs the rounds on a whole in-memory model; the recipe step is one-shot.
+**Gradual** (``rounds = k > 1``, ``obert:rounds=3`` / ``--rounds 3``): ``k`` rounds to the target
+on the cubic schedule ``s_j = s (1 − (1 − j/k)³)``, the Fisher re-estimated on the model as pruned so far
+before each round (masks nested; N:M patterns only in the last round, the earlier ones unstructured at
+the schedule's sparsity). The paper fine-tunes between its rounds; here, post-training, the OBS update
+is the only weight change. Cost: ``k`` gradient passes (each ``ceil(Fisher bytes / fisher_memory_mb)``
+forward+backward passes of the whole model over the calibration windows) instead of one. In a recipe
+the first ``k − 1`` rounds run in the step's ``gradients`` hook (:func:`gradients`: whole-model passes
+before the block-streamed one, the layers' weights as pruned so far kept in memory) and the last round
+is the streamed step itself, starting from those weights; :func:`obert_gradual` runs all rounds on a
+whole in-memory model.
 """
 from __future__ import annotations
 
@@ -41,9 +46,11 @@ class OBERTConfig(PruneFields):
     fisher_damp: float = Field(1e-7, gt=0.0, description="λ added to the Fisher's diagonal (the paper's 1e-7; escalates x10 on a singular block)")
     fisher_samples: int = Field(0, ge=0, description="calibration windows whose gradients form the Fisher (0 = all)")
     fisher_memory_mb: float = Field(4096, gt=0, description="memory for the Fisher blocks of one gradient pass (more layers: more passes)")
+    rounds: int = Field(1, ge=1, le=32, description="gradual pruning: rounds to the sparsity on the cubic schedule, the Fisher "
+                                                      "re-estimated on the model as pruned so far before each (k× the gradient passes; 1 = one-shot)")
 
     def gradient_request(self) -> dict:
-        return {"block": self.fisher_block, "samples": self.fisher_samples or None, "memory_mb": self.fisher_memory_mb}
+        return {"block": self.fisher_block, "samples": self.fisher_samples or None, "memory_mb": self.fisher_memory_mb, "rounds": self.rounds}
 
 
 def block_inverse(F: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -114,10 +121,14 @@ def prune(state, cfg: OBERTConfig, ctx) -> None:
         raise WeightsmithError("obert needs the block Fisher of the model's loss (the block_fisher need)")
     outs, masks, a, info = [], [], 0, {}
     base = state.mask
+    earlier = grads.get(EARLIER_ROUNDS)  # gradual: per layer (weights, mask) after rounds 1 .. k-1, or None
     for k, n in enumerate(state.sizes):
         F = grads["block_fisher"][k]
-        W, m, info = obert(state.W[a : a + n], F.to(state.W.device), sparsity=cfg.sparsity, pattern=cfg.pattern, damp=cfg.fisher_damp,
-                           keep=None if base is None else base[a : a + n])
+        w, keep = state.W[a : a + n], None if base is None else base[a : a + n]
+        if earlier is not None and earlier[k] is not None:
+            w0, m0 = earlier[k]
+            w, keep = w0.to(w.device, w.dtype), m0.to(w.device) if keep is None else keep & m0.to(w.device)
+        W, m, info = obert(w, F.to(state.W.device), sparsity=cfg.sparsity, pattern=cfg.pattern, damp=cfg.fisher_damp, keep=keep)
         outs.append(W)
         masks.append(m)
         a += n
@@ -130,6 +141,17 @@ def cubic_schedule(sparsity: float, steps: int) -> list[float]:
     return [sparsity * (1 - (1 - j / steps) ** 3) for j in range(1, steps + 1)]
 
 
+def obert_round(weights: dict, masks: dict, Fs, targets: dict, last: bool) -> dict:
+    """One gradual round on ``weights`` / ``masks`` ({layer: tensor}, updated in place): each layer pruned to its
+    ``targets[layer] = (sparsity, pattern, damp)`` with its Fisher ``Fs[layer]`` (a dict or a store with ``get``),
+    its earlier mask kept; N:M only when ``last``. Returns each layer's info."""
+    info = {}
+    for n, (s, pattern, damp) in targets.items():
+        F = Fs.get(n)
+        weights[n], masks[n], info[n] = obert(weights[n], F, sparsity=s, pattern=pattern if last else "unstructured", damp=damp, keep=masks[n])
+    return info
+
+
 def obert_gradual(model: torch.nn.Module, layers: dict, fisher_fn, *, sparsity: float, steps: int, pattern: str = "unstructured",
                   damp: float = 1e-7) -> list[dict]:
     """Gradual oBERT on an in-memory model: ``layers`` {name: linear module}, ``fisher_fn()`` → {name: F} on the
@@ -137,19 +159,67 @@ def obert_gradual(model: torch.nn.Module, layers: dict, fisher_fn, *, sparsity: 
     rounds unstructured at the schedule's sparsity). Returns each round's info per layer."""
     from ..model.adapter import get_weight, set_weight
 
-    keep = {n: None for n in layers}
+    weights = {n: get_weight(mod).float() for n, mod in layers.items()}
+    masks = {n: None for n in layers}
     log = []
     for j, s in enumerate(cubic_schedule(sparsity, steps)):
-        last = j == steps - 1
         Fs = fisher_fn()
-        round_info = {}
+        log.append(obert_round(weights, masks, Fs, {n: (s, pattern, damp) for n in layers}, last=j == steps - 1))
         for n, mod in layers.items():
-            W, m, info = obert(get_weight(mod).float(), Fs[n], sparsity=s, pattern=pattern if last else "unstructured", damp=damp, keep=keep[n])
-            set_weight(mod, W.to(mod.weight.dtype))
-            keep[n] = m
-            round_info[n] = info
-        log.append(round_info)
+            set_weight(mod, weights[n].to(mod.weight.dtype))
     return log
 
 
-register("obert", OBERTConfig, kind="pruner", needs={"block_fisher"}, produces=("sparsity",))(prune)
+def _final_sparsity(sparsity: float, pattern: str) -> float:
+    """The sparsity a layer ends at: ``sparsity``, or ``1 − N/M`` for an N:M pattern."""
+    p = nm(pattern)
+    return sparsity if p is None else 1 - p[0] / p[1]
+
+
+EARLIER_ROUNDS = "obert_earlier_rounds"  # the key of the gradual rounds' (weights, mask) per layer in stats.grads
+
+
+class _Earlier:
+    """The gradual rounds' result for the streamed step: ``get(layer)`` → (weights, mask) or None (not pruned)."""
+
+    def __init__(self, weights: dict, masks: dict):
+        self.weights, self.masks = weights, masks
+
+    def get(self, name: str):
+        return (self.weights[name], self.masks[name]) if name in self.weights else None
+
+
+def gradients(lm, cfg, step: OBERTConfig, ids: torch.Tensor, names: list[str], directory, progress: bool, rules: list) -> dict:
+    """The ``block_fisher`` need of an oBERT step, over its rounds: one-shot, the Fisher of the float model;
+    gradual (``rounds = k``), rounds 1 .. k−1 here — each a block Fisher of the model as pruned so far
+    (the layers' weights given to the gradient pass) and each layer pruned to the schedule's sparsity with
+    it — then the Fisher of the model after round k−1 for the streamed last round, which starts from
+    those weights and masks (``EARLIER_ROUNDS``). Each layer's sparsity, pattern and damping are its own
+    (per-layer rules and planners apply); a layer that a rule keeps out of oBERT stays dense here."""
+    from ..engine.fisher import _weight_keys, block_fisher
+
+    req = step.gradient_request()
+    fisher = lambda weights, desc: block_fisher(lm, ids, names, req["block"], memory_mb=req["memory_mb"], directory=directory,  # noqa: E731
+                                                progress=progress, weights=weights, desc=desc)
+    if step.rounds == 1:
+        return {"block_fisher": fisher(None, "block Fisher")}
+    targets = {}
+    for n in names:
+        st = cfg.layer_settings(n, rules)
+        mine = [s for s in st.steps if s.name == step.name]
+        if st.skip or not mine:
+            continue
+        if mine[0].rounds != step.rounds or mine[0].fisher_block != step.fisher_block:
+            raise WeightsmithError(f"obert: a rule sets rounds or fisher_block for {n}; they hold for the whole model (set them on the step)")
+        targets[n] = (mine[0].sparsity, mine[0].pattern, mine[0].fisher_damp)
+    keys = _weight_keys(lm, list(targets))
+    weights = {n: lm.source.get(keys[n]).float() for n in targets}
+    masks: dict = {n: None for n in targets}
+    for j in range(step.rounds - 1):
+        Fs = fisher(weights, f"block Fisher, round {j + 1}/{step.rounds}")
+        obert_round(weights, masks, Fs, {n: (cubic_schedule(_final_sparsity(s, p), step.rounds)[j], "unstructured", d)
+                                         for n, (s, p, d) in targets.items()}, last=False)
+    return {"block_fisher": fisher(weights, f"block Fisher, round {step.rounds}/{step.rounds}"), EARLIER_ROUNDS: _Earlier(weights, masks)}
+
+
+register("obert", OBERTConfig, kind="pruner", needs={"block_fisher"}, produces=("sparsity",), gradients=gradients)(prune)

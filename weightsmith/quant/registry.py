@@ -113,6 +113,9 @@ class Step:
     cell: Optional[Callable[[dict], str]] = None  # report row -> this step's cell of the per-layer table
     planner: Optional["Planner"] = None
     produces_fn: Optional[Callable[[Any], tuple]] = None  # cfg -> what it adds, when that depends on its options
+    # (lm, cfg, step_cfg, ids, layer_names, directory, progress, rules) -> {key: store with get(layer)}: the step computes
+    # its own whole-model gradient statistics (e.g. over several rounds) instead of the engine's default for its need
+    gradients: Optional[Callable] = None
 
     def outputs(self, cfg) -> frozenset:
         """What the step configured as ``cfg`` adds (``produces``, or its function of the config)."""
@@ -158,7 +161,7 @@ def _const(s):
 
 def register(name: str, config_cls: type, *, kind: str, needs=(), produces=(), requires: tuple = (),
              clip_search: bool = False, float_samples: Callable | None = None, summary: Callable | None = None,
-             cell: Callable | None = None, planner: Planner | None = None):
+             cell: Callable | None = None, planner: Planner | None = None, gradients: Callable | None = None):
     """Decorator registering ``fn`` as step ``name``. ``needs`` is a set of :data:`NEEDS` keys or a
     function ``cfg -> set`` (when they depend on the step's options); so may ``produces`` be (a function
     ``cfg -> tuple``; ``Step.produces`` then holds what the default configuration adds, ``Step.outputs(cfg)``
@@ -172,7 +175,8 @@ def register(name: str, config_cls: type, *, kind: str, needs=(), produces=(), r
 
     def deco(fn):
         _REGISTRY[name] = Step(name, kind, config_cls, fn, (fn.__doc__ or "").strip().split("\n")[0], need_fn, tuple(produces),
-                               tuple(requires), clip_search, float_samples or (lambda cfg: None), summary, cell, planner, produces_fn)
+                               tuple(requires), clip_search, float_samples or (lambda cfg: None), summary, cell, planner, produces_fn,
+                               gradients)
         return fn
 
     return deco
