@@ -30,7 +30,9 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, CALIB, EVAL, RESULTS, eval_many, run_cli, smollm2_float_dir  # noqa: E402
+from common import CACHE, CALIB, EVAL, RESULTS, SHARED, eval_many, run_cli, smollm2_float_dir  # noqa: E402
+
+PEER_PRUNERS = ("sparsegpt", "wanda")  # what ../shared/tools/peer_llmcompressor.py --prune runs
 
 def legacy_recipe(recipe: str) -> str:
     """A recipe name of the stores before Engine 2 (``awq>gptq``, ``rescomp>lorc8:float_samples=64``) in the step grammar."""
@@ -76,6 +78,60 @@ def nominal_bpw(g: dict) -> float:
     return g["bits"] + (16 + (0 if g["sym"] else g["bits"])) / g["group_size"]
 
 
+def peer_args(recipe: str, grid: str) -> list[str] | None:
+    """The llm-compressor run matching ``recipe@grid`` (peer_llmcompressor.py flags), or None when it has none:
+    one pruner of :data:`PEER_PRUNERS` with only ``sparsity``/``pattern`` options, alone (grid ``dense``,
+    ``--no-quant``) or followed by ``gptq`` on a symmetric grid (its GPTQModifier after the pruner, one recipe)."""
+    from weightsmith.config import parse_steps
+
+    steps = parse_steps(legacy_recipe(recipe))
+    first, rest = steps[0], steps[1:]
+    if first["name"] not in PEER_PRUNERS or set(first) - {"name", "sparsity", "pattern"}:
+        return None
+    pattern = str(first.get("pattern", "0:0"))
+    if pattern != "0:0" and "sparsity" in first:
+        return None
+    n, m = (int(x) for x in pattern.split(":"))
+    sparsity = float(first.get("sparsity", 0.5)) if pattern == "0:0" else (m - n) / m
+    args = ["--prune", first["name"], "--sparsity", str(sparsity), "--mask", pattern]
+    g = grid_config(grid)
+    if not g and not rest:
+        return args + ["--no-quant"]
+    if g and g["sym"] and [st["name"] for st in rest] == ["gptq"] and len(rest[0]) == 1:
+        return args + ["--bits", str(g["bits"]), "--group", str(g["group_size"])]
+    return None
+
+
+def run_peer(peer_python: str, float_dir: Path, out: Path, args: list[str], nsamples: int, seqlen: int, log: Path) -> dict:
+    """One peer_llmcompressor.py run in its own venv and process; its wall time and peak RSS from its own print."""
+    import subprocess
+
+    cmd = [peer_python, str(SHARED / "tools" / "peer_llmcompressor.py"), str(float_dir), str(out), *args,
+           "--nsamples", str(nsamples), "--seqlen", str(seqlen)]
+    print("== peer: " + " ".join(cmd), file=sys.stderr, flush=True)
+    with open(log, "w") as fh:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=fh, text=True)
+    m = re.search(r"quantize_secs ([\d.]+) peak_rss_mb ([\d.]+)", p.stdout)
+    if p.returncode != 0 or not m:
+        raise RuntimeError(f"peer run failed ({p.returncode}); see {log}")
+    return {"quantize_s": float(m.group(1)), "peak_rss_mb": float(m.group(2)), "command": " ".join(["peer_llmcompressor.py", *args])}
+
+
+def dense_density(model_dir: Path) -> float:
+    """Fraction of non-zero weights over the decoder blocks' linear weights of a dense safetensors checkpoint."""
+    from safetensors import safe_open
+
+    nz = tot = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                if ".layers." in k and k.endswith("proj.weight"):
+                    t = fh.get_tensor(k)
+                    nz += int((t != 0).sum())
+                    tot += t.numel()
+    return nz / tot
+
+
 def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
 
@@ -86,9 +142,9 @@ RECIPE_ORDER = ("rtn", "gptq", "foem", "awq", "awq>gptq", "gptaq", "rescomp", "m
 
 def _row_order(r: dict) -> tuple:
     """Table rows: by grid (the issue's order, others after), then the plain methods, then the rest by name."""
-    g, name = r["grid"], r["recipe"]
+    g, name = r["grid"], r["recipe"].removeprefix("llm-compressor: ")  # a peer's row right after ours
     return (GRID_ORDER.index(g) if g in GRID_ORDER else len(GRID_ORDER), g,
-            RECIPE_ORDER.index(name) if name in RECIPE_ORDER else len(RECIPE_ORDER), name)
+            RECIPE_ORDER.index(name) if name in RECIPE_ORDER else len(RECIPE_ORDER), name, "peer_of" in r)
 
 
 def _e(v) -> str:
@@ -119,6 +175,9 @@ def table(payload: dict) -> str:
                  f"{fb['mean_abs_diff']:.4f}, mean d {fb['mean_diff']:+.4f} over {fb['pairs']} he/she sentence pairs."] if fb else []),
               "Wall time and peak RSS from each run's report.json (its own process); timings on the 2-core machine are noisy.",
               *(f"- {n}: {r['note']}" for n, r in payload["runs"].items() if r.get("note")),
+              *(f"- {r['peer_of']}: our time / llm-compressor's {payload['runs'][r['peer_of']]['quantize_s'] / r['quantize_s']:.2f} "
+                f"({payload['runs'][r['peer_of']]['quantize_s']:.1f} s vs {r['quantize_s']:.1f} s, run one after the other; "
+                f"peer: {r['command']})" for r in runs if r.get("peer_of") in payload["runs"]),
               "Layer errors are ‖ΔW X‖²/‖W X‖² on the quantized-path inputs (the float-path methods minimise another objective)."]
     return "\n".join(lines) + "\n"
 
@@ -136,6 +195,8 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="extra quantize flags for every run")
     ap.add_argument("--force", action="store_true", help="quantize and evaluate again runs already in the results (e.g. a timing taken on a busy machine)")
     ap.add_argument("--bias-probe", action="store_true", help="also run the bias probe (weightsmith/eval/bias.py) on every evaluated model and the float one")
+    ap.add_argument("--peer", help="python of a venv with llmcompressor: each sparsegpt/wanda recipe (alone on grid dense, or then gptq) "
+                                   "is also run by ../shared/tools/peer_llmcompressor.py --prune, right after ours (row 'llm-compressor: RECIPE')")
     a = ap.parse_args()
     float_dir = Path(a.model) if a.model else smollm2_float_dir()
     out_dir = Path(a.results_dir)
@@ -174,6 +235,14 @@ def main() -> None:
             floats = [r["float_error"] for r in rep["layers"] if "float_error" in r]
             if floats:
                 pending[name]["mean_layer_float_error"] = sum(floats) / len(floats)
+            pargs = peer_args(recipe, grid) if a.peer else None
+            pname = f"llm-compressor: {name}"
+            if pargs and ("perplexity" not in payload["runs"].get(pname, {}) or a.force):
+                pout = work / ("peer_" + out.name)
+                row = run_peer(a.peer, float_dir, pout, pargs, a.nsamples, a.seqlen, work / f"peer_{out.name}.log")
+                pending[pname] = {"recipe": f"llm-compressor: {recipe}", "grid": grid, "dir": str(pout), "peer_of": name,
+                                  "bits_per_weight": nominal_bpw(g), "date": time.strftime("%Y-%m-%d"), **row,
+                                  **({"density": dense_density(pout)} if not g else {})}
     if pending:
         print(f"== evaluating {len(pending)} models", file=sys.stderr, flush=True)
         evals = eval_many({n: Path(r["dir"]) for n, r in pending.items()}, float_dir, EVAL, windows=a.eval_windows)
