@@ -203,5 +203,71 @@ def test_recipe_cli_and_refusals(pico, calib_file, tmp_path, capsys):
         weightsmith.quantize(src, {"method": "obert:fisher_block=16:rounds=2", "rules": [{"match": "q_proj", "steps": {"obert": {"rounds": 3}}}]},
                              ids, out=tmp_path / "r", progress=False)
     bert = pico("bert")
-    with pytest.raises(WeightsmithError, match="causal LM"):
-        weightsmith.quantize(bert, {"method": "obert"}, ids, out=tmp_path / "e", progress=False)
+    import transformers
+
+    plain = tmp_path / "bert-no-head"
+    transformers.BertModel.from_pretrained(bert).save_pretrained(plain)  # an encoder without a masked-LM head
+    with pytest.raises(WeightsmithError, match="masked-LM head"):
+        weightsmith.quantize(plain, {"method": "obert"}, ids, out=tmp_path / "e", progress=False)
+
+
+def _mlm_loss(model, ids, mask_id):
+    from weightsmith.engine.fisher import mlm_inputs
+
+    from conftest import make_tokenizer
+
+    xin, chosen = mlm_inputs(ids, 0, mask_id, model.config.vocab_size, set(make_tokenizer().all_special_ids))
+    with torch.no_grad():
+        logits = model(input_ids=xin).logits
+    return float(torch.nn.functional.cross_entropy(logits[chosen], ids[chosen]))
+
+
+def test_encoder_masked_lm_loss(tmp_path):
+    """Encoders: the gradient pass differentiates BERT's masked-LM loss (15 % of the positions, 80/10/10,
+    seeded per window): the weight Fisher's mean gradient equals autograd's on the same masks; oBERT at
+    50 % on a pico BERT trained briefly by that loss keeps its masked-LM loss below magnitude pruning's.
+    Measured: dense 3.590, magnitude 3.623 (+0.033), oBERT 3.592 (+0.002) (B = 32, 32 windows)."""
+    from conftest import make_tokenizer, save_pico
+    from transformers import BertForMaskedLM
+
+    from weightsmith.engine.fisher import mlm_inputs, weight_fisher
+    from weightsmith.safety import from_pretrained
+
+    tok = make_tokenizer()
+    special = set(tok.all_special_ids)
+    path = save_pico(tmp_path / "bert", "bert")
+    model = BertForMaskedLM.from_pretrained(path)
+    train = calib_ids(64, 32, seed=7)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for step in range(250):  # masked-LM loss 5.35 → ~3.0 (3 s)
+        b = train[torch.randint(0, 64, (8,))]
+        xin, chosen = mlm_inputs(b, 1000 + step * 8, tok.mask_token_id, model.config.vocab_size, special)
+        logits = model(input_ids=xin).logits
+        loss = torch.nn.functional.cross_entropy(logits[chosen], b[chosen])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+    ids = calib_ids(32, 32)
+    xin, chosen = mlm_inputs(ids, 0, tok.mask_token_id, model.config.vocab_size, special)
+    assert chosen.any(1).all() and 0.05 < float(chosen.float().mean()) < 0.3
+    assert torch.equal(mlm_inputs(ids[5:9], 5, tok.mask_token_id, model.config.vocab_size, special)[1], chosen[5:9])  # by window index
+    # the pass's per-window-mean masked-LM loss, by autograd on the same masks
+    model = from_pretrained(BertForMaskedLM, path).eval()
+    name = "bert.encoder.layer.0.intermediate.dense"
+    logits = model(input_ids=xin).logits
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * chosen
+    (nll.sum(1) / chosen.sum(1)).sum().backward()
+    with CheckpointSource(path) as src:
+        lm = LazyModel(src)
+        gbar, _f = weight_fisher(lm, ids, [name], progress=False)
+    want = dict(model.named_modules())[name].weight.grad / ids.shape[0]
+    assert torch.allclose(gbar[name], want, atol=1e-6 * float(want.abs().max()) + 1e-9, rtol=1e-3)
+    # oBERT on the encoder against magnitude, by the masked-LM loss
+    weightsmith.quantize(path, {"method": "obert:sparsity=0.5:fisher_block=32"}, ids, out=tmp_path / "o", progress=False)
+    weightsmith.quantize(path, {"method": "magnitude:sparsity=0.5"}, None, out=tmp_path / "m", progress=False)
+    ld = _mlm_loss(model, ids, tok.mask_token_id)
+    lo = _mlm_loss(from_pretrained(BertForMaskedLM, tmp_path / "o").eval(), ids, tok.mask_token_id)
+    lm_ = _mlm_loss(from_pretrained(BertForMaskedLM, tmp_path / "m").eval(), ids, tok.mask_token_id)
+    assert lo - ld < 0.5 * (lm_ - ld), (ld, lo, lm_)

@@ -19,9 +19,16 @@ output gradient ``dy = ∂L/∂y`` (b, T, out) of every chunk to a consumer. Two
   pass one more forward+backward of the whole model, and the results of a pass are kept in a
   directory (one safetensors file per layer) when there is more than one.
 
+The loss is the model's own training loss: next-token for decoders; for encoders with a masked-LM
+head (``BertForMaskedLM`` and kin), the masked-LM loss of BERT (Devlin et al. 2019) — in every window
+15 % of the positions that hold no special token (at least one) are chosen, 80 % of them replaced by the
+tokenizer's mask token, 10 % by a random token, 10 % left as they are, and the loss is the cross-entropy
+of the original tokens at the chosen positions. The choice is seeded by the window's index
+(:func:`mlm_inputs`), so it does not depend on the chunking and every pass sees the same masks.
+Encoders without a masked-LM head are refused.
+
 The pass holds the whole float model in memory (unlike the block-streamed passes): fine for the models
-a CPU compresses in minutes. Encoders would need the masked-LM loss, which the engine does not form:
-the pass refuses them.
+a CPU compresses in minutes.
 """
 from __future__ import annotations
 
@@ -38,11 +45,51 @@ from ..model.adapter import LazyModel, is_linear
 log = logging.getLogger(__name__)
 
 
-def _check_causal(lm: LazyModel, what: str) -> None:
+MLM_RATE = 0.15  # BERT's share of masked positions
+
+
+def _check_loss(lm: LazyModel, what: str) -> None:
+    """A causal LM, or an encoder with a masked-LM head (the losses the pass forms)."""
     from ..eval.loading import model_kind
 
-    if model_kind(lm.config) != "causal":
-        raise WeightsmithError(f"{what} needs a causal LM (it differentiates the next-token loss; the masked-LM loss of encoders is not supported)")
+    if model_kind(lm.config) != "causal" and not _has_mlm_head(lm):
+        raise WeightsmithError(f"{what} needs a causal LM or an encoder with a masked-LM head (it differentiates the model's "
+                               f"next-token or masked-LM loss); {type(lm.model).__name__} has neither")
+
+
+def _has_mlm_head(lm: LazyModel) -> bool:
+    head = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
+    return head is not None and type(lm.model).__name__.endswith("ForMaskedLM")
+
+
+def _mask_token(lm: LazyModel) -> tuple[int, set[int]]:
+    """The tokenizer's mask token id and its special-token ids (never masked)."""
+    from ..eval.loading import load_tokenizer, locate_model
+
+    tok = load_tokenizer(locate_model(lm.source.dir))
+    if tok.mask_token_id is None:
+        raise WeightsmithError(f"the masked-LM loss needs a mask token; the tokenizer in {lm.source.dir} has none")
+    return int(tok.mask_token_id), set(int(i) for i in tok.all_special_ids)
+
+
+def mlm_inputs(ids: torch.Tensor, first: int, mask_id: int, vocab: int, special: set[int] = frozenset(),
+               rate: float = MLM_RATE) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking of windows ``ids`` (b, T), the first being window number ``first`` of the calibration set:
+    ``(inputs, chosen)`` — the chosen positions (b, T) bool, and the inputs with 80 % of them the mask token,
+    10 % a random token, 10 % unchanged. Seeded per window index: the same windows get the same masks."""
+    inputs, chosen = ids.clone(), torch.zeros_like(ids, dtype=torch.bool)
+    for j in range(ids.shape[0]):
+        g = torch.Generator().manual_seed(1_000_003 * (first + j) + 17)
+        u, kind, rnd = torch.rand(ids.shape[1], generator=g), torch.rand(ids.shape[1], generator=g), \
+            torch.randint(0, vocab, (ids.shape[1],), generator=g)
+        ok = torch.tensor([int(t) not in special for t in ids[j].tolist()])
+        sel = (u < rate) & ok
+        if not sel.any() and ok.any():
+            sel[torch.where(ok, u, torch.full_like(u, 2.0)).argmin()] = True
+        chosen[j] = sel
+        inputs[j] = torch.where(sel & (kind < 0.8), torch.full_like(ids[j], mask_id), inputs[j])
+        inputs[j] = torch.where(sel & (kind >= 0.8) & (kind < 0.9), rnd.to(ids.dtype), inputs[j])
+    return inputs, chosen
 
 
 def gradient_pass(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], consume: Callable[[str, torch.Tensor, torch.Tensor], None],
@@ -52,7 +99,13 @@ def gradient_pass(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], cons
     (float32, (b, T, in) and (b, T, out)). The loss is summed over tokens, or (``per_window_mean``) the sum over
     windows of each window's mean token loss. ``weights`` ({layer: (out, in)}) replace those linear layers'
     checkpoint weights for this pass (a gradual step's model as changed so far). Returns the number of
-    predicted tokens."""
+    predicted tokens (masked-LM: chosen positions)."""
+    from ..eval.loading import model_kind
+
+    masked = model_kind(lm.config) != "causal"
+    if masked:
+        _check_loss(lm, "the gradient pass")
+        mask_id, special = _mask_token(lm)
     lm.load_outside()
     for i in range(len(lm.blocks)):
         lm.load_block(i)
@@ -91,13 +144,23 @@ def gradient_pass(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], cons
     try:
         with torch.enable_grad():
             for s in tqdm(range(0, ids.shape[0], chunk), desc=desc, unit="chunk", disable=not progress, dynamic_ncols=True):
-                x = ids[s:s + chunk].to(lm.device)
-                logits = model(input_ids=x, use_cache=False).logits.float()
-                nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
-                loss = nll.reshape(x.shape[0], -1).mean(1).sum() if per_window_mean else nll.sum()
+                x = ids[s:s + chunk]
+                if masked:  # BERT's masked-LM loss at the chosen positions
+                    xin, chosen = mlm_inputs(x, s, mask_id, int(lm.config.vocab_size), special)
+                    logits = model(input_ids=xin.to(lm.device)).logits.float()
+                    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.to(lm.device).reshape(-1), reduction="none")
+                    w = chosen.to(lm.device).reshape(x.shape).float()
+                    nll = nll.reshape(x.shape) * w
+                    loss = (nll.sum(1) / w.sum(1).clamp_min(1)).sum() if per_window_mean else nll.sum()
+                    tokens += int(chosen.sum())
+                else:
+                    x = x.to(lm.device)
+                    logits = model(input_ids=x, use_cache=False).logits.float()
+                    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+                    loss = nll.reshape(x.shape[0], -1).mean(1).sum() if per_window_mean else nll.sum()
+                    tokens += x[:, 1:].numel()
                 loss.backward()
                 inputs.clear()
-                tokens += x[:, 1:].numel()
     finally:
         for h in hooks:
             h.remove()
@@ -122,7 +185,7 @@ def _finite(out: dict, what: str) -> None:
 
 def output_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], chunk: int = 2, progress: bool = True) -> dict[str, torch.Tensor]:
     """``{layer: f}`` with ``f`` (out_features,) float32 the summed squared gradient of the loss at each output."""
-    _check_causal(lm, "the output-Fisher objective")
+    _check_loss(lm, "the output-Fisher objective")
     acc: dict[str, torch.Tensor] = {}
 
     def consume(name, _x, dy):
@@ -170,7 +233,7 @@ def block_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], block
                  weights: dict[str, torch.Tensor] | None = None, desc: str = "block Fisher") -> BlockFisher:
     """The block-diagonal empirical Fisher of every layer (module docstring), in passes of at most ``memory_mb``;
     ``weights`` as in :func:`gradient_pass` (the model the gradients are taken of)."""
-    _check_causal(lm, "the block Fisher (oBERT)")
+    _check_loss(lm, "the block Fisher (oBERT)")
     shapes = {n: tuple(lm.source.shape(k)) for n, k in _weight_keys(lm, layer_names).items()}
     sizes = {n: -(-(shapes[n][0] * shapes[n][1]) // block) * block * block * 4 for n in layer_names}
     passes, cur, used = [], [], 0
@@ -223,7 +286,7 @@ def weight_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], chun
                   desc: str = "weight Fisher") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per weight, the mean per-window gradient ``ḡ`` and the diagonal empirical Fisher ``mean g²`` (the
     ``weight_fisher`` need): ``({layer: ḡ}, {layer: f})``, each (out, in) float32; 2·numel floats per layer."""
-    _check_causal(lm, "the weight Fisher")
+    _check_loss(lm, "the weight Fisher")
     gs: dict[str, torch.Tensor] = {}
     fs: dict[str, torch.Tensor] = {}
 

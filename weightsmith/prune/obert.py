@@ -6,7 +6,8 @@ code neuralmagic/sparseml ``research/optimal_BERT_surgeon_oBERT`` and its OBS pr
 not copied). Each layer's weights are flattened row-major and cut into blocks of ``B`` consecutive
 weights (the paper's B = 50; a last partial block is zero-padded, its padding never counted). Per block
 ``F_b = λI + (1/m) Σ_i g_{b,i} g_{b,i}ᵀ`` over ``m`` per-window gradients of the model's loss
-(``engine/fisher.py``, the ``block_fisher`` need: next-token loss; encoders are refused). ``F_b⁻¹`` is
+(``engine/fisher.py``, the ``block_fisher`` need: the next-token loss of decoders, BERT's masked-LM
+loss of encoders with a masked-LM head). ``F_b⁻¹`` is
 a direct B×B inverse (Cholesky, float64; ``λ`` escalating ×10 on a singular block) or, equivalently,
 ``m`` Sherman–Morrison (Woodbury) rank-one updates from ``I/λ`` (:func:`woodbury_inverse`, the paper's
 form when the gradients are kept). The saliency of weight ``q`` is ``ρ_q = w_q² / (2 [F⁻¹]_qq)``; the
