@@ -182,6 +182,19 @@ def table(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _peer_row(a, payload: dict, pending: dict, recipe: str, grid: str, name: str, g: dict, out: Path, float_dir: Path, work: Path) -> None:
+    """The peer's run of ``recipe@grid`` (when it has one and it is not in the results yet) into ``pending``."""
+    pargs = peer_args(recipe, grid)
+    pname = f"llm-compressor: {name}"
+    if not pargs or ("perplexity" in payload["runs"].get(pname, {}) and not a.force):
+        return
+    pout = work / ("peer_" + out.name)
+    row = run_peer(a.peer, float_dir, pout, pargs, a.nsamples, a.seqlen, work / f"peer_{out.name}.log")
+    pending[pname] = {"recipe": f"llm-compressor: {recipe}", "grid": grid, "dir": str(pout), "peer_of": name,
+                      "bits_per_weight": nominal_bpw(g), "date": time.strftime("%Y-%m-%d"), **row,
+                      **({"density": dense_density(pout)} if not g else {})}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipes", default="gptq;gptaq;foem;rescomp;gptaq+foem;awq,rtn;awq,gptq", help="recipes separated by ';' or spaces")
@@ -212,11 +225,13 @@ def main() -> None:
         cfg = recipe_config(recipe)
         for grid in filter(None, a.grids.split(",")):
             name = f"{recipe}@{grid}"
-            if "perplexity" in payload["runs"].get(name, {}) and not a.force:
-                print(f"== {name}: done, skipped", file=sys.stderr)
-                continue
             g = grid_config(grid)
             out = work / re.sub(r"[^A-Za-z0-9]+", "_", name)
+            if "perplexity" in payload["runs"].get(name, {}) and not a.force:
+                print(f"== {name}: done, skipped", file=sys.stderr)
+                if a.peer:
+                    _peer_row(a, payload, pending, recipe, grid, name, g, out, float_dir, work)
+                continue
             if a.force or not (out / "report.json").is_file():
                 rfile = work / f"{out.name}.yaml"
                 rfile.write_text(yaml.safe_dump({**cfg, "grid": {**cfg.get("grid", {}), **g}}))
@@ -235,14 +250,8 @@ def main() -> None:
             floats = [r["float_error"] for r in rep["layers"] if "float_error" in r]
             if floats:
                 pending[name]["mean_layer_float_error"] = sum(floats) / len(floats)
-            pargs = peer_args(recipe, grid) if a.peer else None
-            pname = f"llm-compressor: {name}"
-            if pargs and ("perplexity" not in payload["runs"].get(pname, {}) or a.force):
-                pout = work / ("peer_" + out.name)
-                row = run_peer(a.peer, float_dir, pout, pargs, a.nsamples, a.seqlen, work / f"peer_{out.name}.log")
-                pending[pname] = {"recipe": f"llm-compressor: {recipe}", "grid": grid, "dir": str(pout), "peer_of": name,
-                                  "bits_per_weight": nominal_bpw(g), "date": time.strftime("%Y-%m-%d"), **row,
-                                  **({"density": dense_density(pout)} if not g else {})}
+            if a.peer:
+                _peer_row(a, payload, pending, recipe, grid, name, g, out, float_dir, work)
     if pending:
         print(f"== evaluating {len(pending)} models", file=sys.stderr, flush=True)
         evals = eval_many({n: Path(r["dir"]) for n, r in pending.items()}, float_dir, EVAL, windows=a.eval_windows)
