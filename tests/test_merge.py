@@ -358,6 +358,18 @@ def test_cli_end_to_end_loads_in_transformers_with_the_torch_merge_logits(zoo, s
     code, _, e = cli(["merge", str(cfg), str(out), "--quiet"], capsys)
     assert code == 2 and "already exists" in e
     assert cli(["merge", str(cfg), str(out), "--quiet", "--overwrite"], capsys)[0] == 0
+    # merge, then quantize: the merged directory is a quantize input like any other (the README's two commands)
+    q = tmp_path / "merged-w4"
+    code, _, e = cli(["quantize", str(out), str(q), "--method", "rtn", "--bits", "4", "--group-size", "32", "--quiet"], capsys)
+    assert code == 0, e
+    from weightsmith.eval.loading import load_for_eval
+    from weightsmith.quant.rtn import rtn_quantize
+    from weightsmith.config import GridConfig
+
+    qm = load_for_eval(q, "cpu", progress=False)[0]
+    name = "model.layers.0.mlp.down_proj.weight"
+    want = rtn_quantize(dict(merged.named_parameters())[name].detach(), GridConfig(bits=4, group_size=32, sym=True)).weight
+    assert (dict(qm.named_parameters())[name].detach() - want).abs().max() <= 2e-3 * want.abs().max()  # fp16 scales
 
 
 def test_cli_bad_inputs_exit_2_and_leave_nothing(zoo, tmp_path, capsys):
