@@ -281,6 +281,13 @@ def table(results: list[dict], meta: dict) -> str:
                 p = r.get(f"kernel_p{ps}_ppl")
                 cells.append(f"{p:.3f} ({100 * (p / r['dequant_ppl'] - 1):+.3f} %, {r[f'kernel_p{ps}_kl']:.1e})" if p else "—")
             lines.append(f"| {r['model']} | {r['dequant_ppl']:.3f} | {cells[0]} | {cells[1]} |")
+        hd = meta["head_dtype"]
+        rounded = [(r, ps, r[f"kernel_p{ps}_{hd}_head_ppl"], r[f"kernel_p{ps}_{hd}_head_kl"]) for r in results for ps in (1, 2)
+                   if f"kernel_p{ps}_{hd}_head_ppl" in r]
+        if rounded:
+            lines += ["", f"With the {hd} head on its kernel (`--head-dtype {hd}`: what the opted-in rounded head costs), against the "
+                      "dequantized model with its float32 head: " + "; ".join(
+                          f"{r['model']} p{ps} {p:.3f} ({100 * (p / r['dequant_ppl'] - 1):+.3f} %, KL {kl:.1e})" for r, ps, p, kl in rounded) + "."]
     lines += ["", "Memory of the layers on the kernel (its buffers: codes, fp16 scales, int8 zero points, column permutation) "
               "vs the checkpoint's packed size (codes, fp16 scale and packed zero per group) and vs their float32 weights:", "",
               "| model | kernel buffers MiB | packed size MiB | kernel / packed | float32 MiB |", "|---|---|---|---|---|"]
