@@ -97,3 +97,43 @@ def test_inspect_reads_planes(tmp_path, capsys):
     assert any(k.startswith("hlq3 g32") for k in res["schemes"])
     enc = Planes(3, 32, torch.ones(2, 1, 3), torch.zeros(2, 1))
     assert enc.bits((2, 32)) == {"weights": 3 * 64, "scales": 16 * 2 * 4}
+
+
+@pytest.mark.parametrize("group", ["qkv", "down"])
+def test_data_aware_fit_lowers_the_output_error(smollm2_layers, group):
+    """hlq:data_aware weighs each input column by its energy diag(H): on SmolLM2's block-1 layers with
+    their real inputs, the output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) falls below the data-free fit's at W3 and
+    W2 g64, and its weighted error never rises above RTN's in any group (the fit starts there).
+    Measured: q/k/v W3 0.0168 → 0.0037, W2 0.106 → 0.016; down W3 0.0181 → 0.0135, W2 0.085 → 0.057."""
+    w, H = smollm2_layers[group]
+    d = H.diagonal().double()
+
+    def out_err(q):
+        e = (q - w).double()
+        return float(torch.einsum("ij,jk,ik->", e, H.double(), e) / torch.einsum("ij,jk,ik->", w.double(), H.double(), w.double()))
+
+    for bits in (3, 2):
+        grid = GridConfig(bits=bits, group_size=64, sym=False, clip_search=True)
+        free, _, _ = hlq_quantize(w, grid)
+        aware, enc, _ = hlq_quantize(w, grid, col_weight=d)
+        ef, ea = out_err(free), out_err(aware)
+        assert ea < {"qkv": 0.4, "down": 0.85}[group] * ef, (bits, ef, ea)
+        scale, zero, g_idx = G.grouped_params(w, grid)
+        rtn = G.dequantize_groups(w, scale, zero, g_idx, bits)
+        wsq = lambda q: (d.float() * (q - w) ** 2).reshape(w.shape[0], -1, 64).sum(-1)  # noqa: E731
+        assert bool((wsq(aware) <= wsq(rtn) * (1 + 1e-5) + 1e-12).all())
+    with pytest.raises(Exception, match="column weights"):
+        hlq_quantize(w, grid, col_weight=-d)
+
+
+def test_data_aware_recipe_needs_norms(tmp_path):
+    from weightsmith.config import build_config
+
+    assert build_config({"method": "hlq:data_aware=true", "grid": {"bits": 3}}).needs() == {"input_norms"}
+    assert build_config({"method": "hlq", "grid": {"bits": 3}}).needs() == set()
+    src = save_pico(tmp_path / "pico", "llama")
+    from conftest import calib_ids
+
+    rep = weightsmith.quantize(src, {"method": "hlq:data_aware=true", "grid": {"bits": 3, "group_size": 32, "sym": False}}, calib_ids(8, 32),
+                               out=tmp_path / "q", progress=False)
+    assert rep["layers"] and all(r["error"] < r["rtn_error"] * 1.05 for r in rep["layers"] if "error" in r)

@@ -20,6 +20,14 @@ exact minimisations of the squared error, so it never ends above its start:
 It starts from the configured grid's round-to-nearest (its scale and zero point from
 ``grid.grouped_params``, clip search included), and a group keeps its best iterate, so each group's
 error is at most RTN's on the same grid. Needs no calibration data.
+
+**Data-aware** (``hlq:data_aware=true``): each input column's squared error is weighted by its
+calibration energy ``h_j = ‖X_j‖² / N`` (the diagonal of ``H``, the ``input_norms`` need: one
+calibration forward, no ``XᵀX``), so the fit minimises ``Σ_j h_j (w_j − q_j)²`` — the output error
+``‖(W − Q) X‖²`` with the cross terms between input columns dropped, as AWQ and SqueezeLLM weigh
+salient channels. The codes step is unchanged (a positive weight does not move a weight's nearest
+level); the scales step solves the weighted normal equations; the "never above RTN" guarantee holds
+for the weighted error.
 """
 from __future__ import annotations
 
@@ -40,12 +48,17 @@ MAX_BITS = 4  # the fit enumerates the 2^bits levels of every group
 class HLQConfig(Strict):
     name: Literal["hlq"] = "hlq"
     iters: int = Field(12, ge=1, le=200, description="alternations of code assignment and least-squares plane scales")
+    data_aware: bool = Field(False, description="weight each input column's squared error by its calibration energy "
+                                                "‖X_j‖²/N (one calibration forward); false: data-free")
 
 
-def fit_groups(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fit_groups(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, iters: int,
+               weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HLQ of ``n`` groups, the rows of ``x`` (n, gs), started from the uniform grid ``scale``, ``zero``
-    (n,). Returns ``(plane_scale (n, bits), offset (n,), codes (n, gs))``, float64 / int64."""
+    (n,); ``weight`` (n, gs) > 0 weighs each element's squared error (None: all 1). Returns
+    ``(plane_scale (n, bits), offset (n,), codes (n, gs))``, float64 / int64."""
     x = x.double()
+    h = torch.ones_like(x) if weight is None else weight.double().expand_as(x)
     B = plane_bits(bits, x.device, torch.float64)
     ps = scale.double()[:, None] * (2.0 ** torch.arange(bits, device=x.device, dtype=torch.float64))
     off = -zero.double() * scale.double()
@@ -55,17 +68,17 @@ def fit_groups(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
     def evaluate(th):
         lv = th @ design.T  # (n, L)
         c = nearest_level(x, lv)
-        err = ((x - lv.gather(1, c)) ** 2).sum(1)
+        err = (h * (x - lv.gather(1, c)) ** 2).sum(1)
         return c, err
 
     codes, best = evaluate(theta)
     eye = torch.eye(bits + 1, dtype=torch.float64, device=x.device)
     for _ in range(iters):
         onehot_counts = torch.zeros(x.shape[0], design.shape[0], dtype=torch.float64, device=x.device)
-        onehot_counts.scatter_add_(1, codes, torch.ones_like(x))
-        sums = torch.zeros_like(onehot_counts).scatter_add_(1, codes, x)
-        A = torch.einsum("nl,la,lb->nab", onehot_counts, design, design)  # DᵀD per group, from the level counts
-        rhs = sums @ design  # Dᵀx
+        onehot_counts.scatter_add_(1, codes, h)  # the (weighted) count of each level
+        sums = torch.zeros_like(onehot_counts).scatter_add_(1, codes, h * x)
+        A = torch.einsum("nl,la,lb->nab", onehot_counts, design, design)  # DᵀWD per group, from the level counts
+        rhs = sums @ design  # DᵀWx
         ridge = 1e-9 * A.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
         new = torch.linalg.solve(A + ridge * eye, rhs[..., None])[..., 0]
         c_new, err = evaluate(new)
@@ -78,8 +91,10 @@ def fit_groups(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
     return theta[:, 1:], theta[:, 0], codes
 
 
-def hlq_quantize(w: torch.Tensor, grid: GridConfig, iters: int = 12) -> tuple[torch.Tensor, Planes, dict]:
-    """The HLQ weight of ``w`` (out, in), its :class:`Planes` encoding and the fit's statistics."""
+def hlq_quantize(w: torch.Tensor, grid: GridConfig, iters: int = 12,
+                 col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, Planes, dict]:
+    """The HLQ weight of ``w`` (out, in), its :class:`Planes` encoding and the fit's statistics;
+    ``col_weight`` (in,) ≥ 0 weighs each input column's squared error (the data-aware fit: ``diag H``)."""
     if not 1 <= grid.bits <= MAX_BITS:
         raise WeightsmithError(f"hlq fits 1 to {MAX_BITS} bits (it enumerates every level of a group), not {grid.bits}")
     w = w.float()
@@ -91,10 +106,16 @@ def hlq_quantize(w: torch.Tensor, grid: GridConfig, iters: int = 12) -> tuple[to
     spans = [(0, full * gs, full)] if full else []
     if cols % gs:
         spans.append((full * gs, cols, 1))
+    if col_weight is not None:  # dead inputs keep a floor, so that no group's normal equations vanish
+        cw = col_weight.double().to(w.device)
+        if cw.shape != (cols,) or not bool(torch.isfinite(cw).all()) or bool((cw < 0).any()):
+            raise WeightsmithError(f"hlq: the column weights must be {cols} finite values >= 0")
+        col_weight = cw.clamp_min(1e-8 * max(float(cw.mean()), 1e-30))
     g0 = 0
     for a, b, ng in spans:
         x = w[:, a:b].reshape(rows * ng, (b - a) // ng)
-        ps, off, codes = fit_groups(x, scale[:, g0 : g0 + ng].reshape(-1), zero[:, g0 : g0 + ng].reshape(-1).float(), grid.bits, iters)
+        h = None if col_weight is None else col_weight[a:b].reshape(ng, -1).repeat(rows, 1)  # row r, group k → columns of k
+        ps, off, codes = fit_groups(x, scale[:, g0 : g0 + ng].reshape(-1), zero[:, g0 : g0 + ng].reshape(-1).float(), grid.bits, iters, h)
         ps_parts.append(ps.float().reshape(rows, ng, grid.bits))
         off_parts.append(off.float().reshape(rows, ng))
         code_parts.append(codes.reshape(rows, b - a))
@@ -114,9 +135,15 @@ def hlq_quantize(w: torch.Tensor, grid: GridConfig, iters: int = 12) -> tuple[to
     return dense, enc, info
 
 
-@register("hlq", HLQConfig, kind="quantizer", produces=("planes",))
+@register("hlq", HLQConfig, kind="quantizer", produces=("planes",),
+          needs=lambda cfg: {"input_norms"} if cfg.data_aware else set())
 def quantize(state, cfg: HLQConfig, ctx) -> None:
-    """Hierarchical linear levels (ELUTQ's HLQ): a free scale per bit plane and group, data-free."""
-    w, enc, info = hlq_quantize(state.W, state.grid, cfg.iters)
+    """Hierarchical linear levels (ELUTQ's HLQ): a free scale per bit plane and group, data-free or weighted by input energy."""
+    cw = None
+    if cfg.data_aware:
+        if state.stats is None or state.stats.norms is None:
+            raise WeightsmithError("hlq:data_aware needs the layer's input norms (the input_norms need)")
+        cw = state.stats.norms.double() ** 2
+    w, enc, info = hlq_quantize(state.W, state.grid, cfg.iters, cw)
     mask = state.mask
     state.add(enc, w if mask is None else w * mask, info)
