@@ -234,6 +234,21 @@ def test_cli_run_and_bench_kernel(quantized, capsys):
         assert res["kernel_decode_tokens_per_s"] is None
 
 
+def _swapped_head(path, dtype: str, windows: int):
+    """A checkpoint on the kernel with its head set to ``dtype``: (model, the float head's weight, the input
+    embedding, ids, the logits before the swap, the new head)."""
+    from weightsmith.kernels.runtime import load_lut_model, set_head_dtype
+
+    model, _tok, _info = load_lut_model(path)
+    w = model.get_output_embeddings().weight.detach().clone()
+    emb = model.get_input_embeddings().weight
+    ids = calib_ids(windows, 24)
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert set_head_dtype(model, dtype) == dtype
+    return model, w, emb, ids, ref, model.get_output_embeddings()
+
+
 def test_int4_head_is_rtn_of_the_head_on_the_kernel(quantized, capsys):
     """--head-dtype int4 (opt-in): the head becomes a LutLinear holding RTN W4 g32 symmetric (clip
     search) of the checkpoint's head; the tied input embedding keeps its float32 weight; bfloat16 is
@@ -242,14 +257,7 @@ def test_int4_head_is_rtn_of_the_head_on_the_kernel(quantized, capsys):
     from weightsmith.kernels.runtime import load_lut_model, set_head_dtype
     from weightsmith.quant.rtn import rtn_quantize
 
-    model, _tok, _info = load_lut_model(quantized["w4g32"])
-    w = model.get_output_embeddings().weight.detach().clone()
-    emb = model.get_input_embeddings().weight
-    ids = calib_ids(1, 24)
-    with torch.no_grad():
-        ref = model(ids).logits
-    assert set_head_dtype(model, "int4") == "int4"
-    head = model.get_output_embeddings()
+    model, w, emb, ids, ref, head = _swapped_head(quantized["w4g32"], "int4", 1)
     assert isinstance(head, LutLinear) and head.bits == 4 and head.group == 32
     want = rtn_quantize(w, GridConfig(bits=4, group_size=32, sym=True, clip_search=True)).weight
     assert (head.dequantized_weight() - want).abs().max() <= 2e-3 * want.abs().max()  # fp16 scales
@@ -276,16 +284,9 @@ def test_int8_head_rounds_each_row_and_runs_on_torchs_int8_matmul(quantized, cap
     """--head-dtype int8 (opt-in): the head becomes int8 codes with one float32 scale per row
     (absmax / 127, round to nearest); torch's int8 weight-only matmul gives the float32 matmul of the
     rounded weight; the logits move far less than with the 4-bit head; the tied embedding is kept."""
-    from weightsmith.kernels.runtime import Int8Head, load_lut_model, set_head_dtype
+    from weightsmith.kernels.runtime import Int8Head
 
-    model, _tok, _info = load_lut_model(quantized["w4g32"])
-    w = model.get_output_embeddings().weight.detach().clone()
-    emb = model.get_input_embeddings().weight
-    ids = calib_ids(2, 24)
-    with torch.no_grad():
-        ref = model(ids).logits
-    assert set_head_dtype(model, "int8") == "int8"
-    head = model.get_output_embeddings()
+    model, w, emb, ids, ref, head = _swapped_head(quantized["w4g32"], "int8", 2)
     assert isinstance(head, Int8Head) and head.qweight.dtype == torch.int8 and head.packed_nbytes() == w.numel() + 4 * w.shape[0]
     scale = w.abs().amax(1) / 127
     assert torch.equal(head.qweight, torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
