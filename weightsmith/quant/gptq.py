@@ -201,8 +201,13 @@ def gptq_quantize(
     base: QuantResult | None = None,
     extend: Callable[[SolveContext], Extensions] | None = None,
     mask: torch.Tensor | None = None,
+    rounder: tuple[torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]] | None = None,
 ) -> QuantResult:
     """Quantize ``w`` (rows, cols) given ``h`` (cols, cols); returns dequantized weights on the grid.
+
+    ``rounder = (g_idx, fn)`` replaces the uniform grid's rounding by ``fn(col, g)`` → the column rounded
+    onto group ``g``'s own levels (static groups, the column's group from ``g_idx``): GPTQ's error
+    update for another level set (HLQ's). The result's scale and zero are then empty.
 
     ``base`` (RTN of ``w`` on the same grid) supplies the static group parameters when given.
     ``extend(ctx)`` returns the extensions (error hook, terms) of a GPTQ-family member. ``mask``
@@ -219,8 +224,13 @@ def gptq_quantize(
     n_dead = int(dead.sum())
 
     gs = cols if grid.group_size == -1 else grid.group_size
-    static = static_groups or grid.group_size == -1
-    if static:
+    static = static_groups or grid.group_size == -1 or rounder is not None
+    if rounder is not None:
+        if extend is not None:
+            raise ValueError("gptq_quantize: a rounder does not combine with a family member's extensions")
+        g_idx, round_to = rounder
+        scale = zero = torch.zeros(rows, 0, device=W.device)
+    elif static:
         scale, zero, g_idx = (base.scale, base.zero, base.g_idx) if base is not None else G.grouped_params(W, grid)
 
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
@@ -260,7 +270,9 @@ def gptq_quantize(
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            if static:
+            if rounder is not None:
+                g = col_group[j]
+            elif static:
                 g = col_group[j]
                 s_cur, z_cur = scale_t[g], zero_t[g]
                 if terms and not rounded:
@@ -276,7 +288,7 @@ def gptq_quantize(
                 lo, hi = -z_cur * s_cur, (qmax - z_cur) * s_cur
             col = W1[i]
             Lt[j] = col
-            q = G.fake_quant(col, s_cur, z_cur, grid.bits)
+            q = round_to(col, g) if rounder is not None else G.fake_quant(col, s_cur, z_cur, grid.bits)
             if Mt is not None:
                 q = q * Mt[j]
             Qt[j] = q

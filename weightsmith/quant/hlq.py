@@ -28,6 +28,13 @@ calibration forward, no ``XᵀX``), so the fit minimises ``Σ_j h_j (w_j − q_j
 salient channels. The codes step is unchanged (a positive weight does not move a weight's nearest
 level); the scales step solves the weighted normal equations; the "never above RTN" guarantee holds
 for the weighted error.
+
+**GPTQ-solved** (``hlq:solver=gptq``, needs ``H``): the levels of the data-aware fit, then GPTQ's
+column-by-column rounding onto them (``gptq.gptq_quantize`` with a rounder: each column, in act-order,
+to its group's nearest level, the rounding error spread over the not yet rounded columns by the
+inverse-Hessian update). The levels stay those fitted to the original weights (GPTQ's static groups);
+the codes are the solver's. Should the Hessian stay singular at every damping, the fit's own codes are
+kept (said in the layer's info).
 """
 from __future__ import annotations
 
@@ -50,6 +57,9 @@ class HLQConfig(Strict):
     iters: int = Field(12, ge=1, le=200, description="alternations of code assignment and least-squares plane scales")
     data_aware: bool = Field(False, description="weight each input column's squared error by its calibration energy "
                                                 "‖X_j‖²/N (one calibration forward); false: data-free")
+    solver: Literal["fit", "gptq"] = Field("fit", description="fit: the codes of the level fit; gptq: the data-aware levels, then "
+                                                              "GPTQ's error-compensating rounding onto them (needs H)")
+    damp: float = Field(0.01, gt=0.0, description="solver=gptq: GPTQ's damping, a fraction of H's mean diagonal (escalates)")
 
 
 def fit_groups(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, iters: int,
@@ -135,15 +145,51 @@ def hlq_quantize(w: torch.Tensor, grid: GridConfig, iters: int = 12,
     return dense, enc, info
 
 
-@register("hlq", HLQConfig, kind="quantizer", produces=("planes",),
-          needs=lambda cfg: {"input_norms"} if cfg.data_aware else set())
+def gptq_onto_levels(w: torch.Tensor, h: torch.Tensor, enc: Planes, group_size: int, damp: float,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor | None, dict]:
+    """GPTQ's rounding of ``w`` onto the levels of ``enc`` (each column to its group's levels, act-order,
+    static groups) under ``h``: (the dense weight on the levels, GPTQ's info), or (None, info) when the
+    Hessian could not be factorised (the caller keeps its own codes)."""
+    from .gptq import gptq_quantize
+
+    rows, cols = w.shape
+    gs = cols if group_size == -1 else group_size
+    g_idx = torch.clamp(torch.arange(cols, device=w.device) // gs, max=enc.offset.shape[1] - 1).to(torch.int32)
+    levels = enc.levels().to(w.device)  # (rows, n_groups, L)
+
+    def round_to(col: torch.Tensor, g: int) -> torch.Tensor:
+        lv = levels[:, g]
+        return lv.gather(1, nearest_level(col[:, None], lv)).squeeze(1)
+
+    grid = GridConfig(bits=enc.bits_, group_size=group_size, sym=False)
+    res = gptq_quantize(w, h, grid, act_order=True, static_groups=True, damp=damp, mask=mask, rounder=(g_idx, round_to))
+    if res.info.get("fallback"):
+        return None, {"gptq_fallback": "the fit's own codes: the Hessian is not positive definite even at damping 1.0"}
+    return res.weight, {"gptq_damp": res.info["damp"], "dead_columns": res.info["dead_columns"]}
+
+
+def _needs(cfg: HLQConfig) -> set:
+    return {"H"} if cfg.solver == "gptq" else {"input_norms"} if cfg.data_aware else set()
+
+
+@register("hlq", HLQConfig, kind="quantizer", produces=("planes",), needs=_needs)
 def quantize(state, cfg: HLQConfig, ctx) -> None:
-    """Hierarchical linear levels (ELUTQ's HLQ): a free scale per bit plane and group, data-free or weighted by input energy."""
+    """Hierarchical linear levels (ELUTQ's HLQ): a free scale per bit plane and group, data-free, data-aware or GPTQ-solved."""
     cw = None
-    if cfg.data_aware:
+    if cfg.solver == "gptq":
+        if state.stats is None or state.stats.H is None:
+            raise WeightsmithError("hlq:solver=gptq needs the layer's Hessian H (the H need)")
+        cw = state.stats.H.diagonal().double()  # the data-aware levels: diag H = ‖X_j‖²/N
+    elif cfg.data_aware:
         if state.stats is None or state.stats.norms is None:
             raise WeightsmithError("hlq:data_aware needs the layer's input norms (the input_norms need)")
         cw = state.stats.norms.double() ** 2
     w, enc, info = hlq_quantize(state.W, state.grid, cfg.iters, cw)
+    if cfg.solver == "gptq":
+        solved, ginfo = gptq_onto_levels(state.W, state.stats.H, enc, state.grid.group_size, cfg.damp, state.mask)
+        info.update(ginfo)
+        if solved is not None:
+            w = solved
+            info["weight_error"] = float(((w - state.W.float()) ** 2).sum()) / float((state.W.float() ** 2).sum().clamp_min(1e-30))
     mask = state.mask
     state.add(enc, w if mask is None else w * mask, info)
