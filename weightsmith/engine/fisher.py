@@ -234,7 +234,7 @@ def block_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], block
     """The block-diagonal empirical Fisher of every layer (module docstring), in passes of at most ``memory_mb``;
     ``weights`` as in :func:`gradient_pass` (the model the gradients are taken of)."""
     _check_loss(lm, "the block Fisher (oBERT)")
-    shapes = {n: tuple(lm.source.shape(k)) for n, k in _weight_keys(lm, layer_names).items()}
+    shapes = {n: tuple(lm.source.shape(k)) for n, k in weight_keys(lm, layer_names).items()}
     sizes = {n: -(-(shapes[n][0] * shapes[n][1]) // block) * block * block * 4 for n in layer_names}
     passes, cur, used = [], [], 0
     for n in layer_names:
@@ -272,7 +272,8 @@ def block_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], block
     return BlockFisher(block, kept, directory if spill else None, set(layer_names))
 
 
-def _weight_keys(lm: LazyModel, names: list[str]) -> dict[str, str]:
+def weight_keys(lm: LazyModel, names: list[str]) -> dict[str, str]:
+    """Checkpoint key of each named linear layer's weight."""
     keys = {}
     for i in range(len(lm.blocks)):
         bk = lm.block_keys(i)

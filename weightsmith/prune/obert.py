@@ -51,7 +51,7 @@ class OBERTConfig(PruneFields):
                                                       "re-estimated on the model as pruned so far before each (k× the gradient passes; 1 = one-shot)")
 
     def gradient_request(self) -> dict:
-        return {"block": self.fisher_block, "samples": self.fisher_samples or None, "memory_mb": self.fisher_memory_mb, "rounds": self.rounds}
+        return {"block": self.fisher_block, "samples": self.fisher_samples or None, "memory_mb": self.fisher_memory_mb}
 
 
 def block_inverse(F: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -197,7 +197,7 @@ def gradients(lm, cfg, step: OBERTConfig, ids: torch.Tensor, names: list[str], d
     it — then the Fisher of the model after round k−1 for the streamed last round, which starts from
     those weights and masks (``EARLIER_ROUNDS``). Each layer's sparsity, pattern and damping are its own
     (per-layer rules and planners apply); a layer that a rule keeps out of oBERT stays dense here."""
-    from ..engine.fisher import _weight_keys, block_fisher
+    from ..engine.fisher import weight_keys, block_fisher
 
     req = step.gradient_request()
     fisher = lambda weights, desc: block_fisher(lm, ids, names, req["block"], memory_mb=req["memory_mb"], directory=directory,  # noqa: E731
@@ -213,7 +213,7 @@ def gradients(lm, cfg, step: OBERTConfig, ids: torch.Tensor, names: list[str], d
         if mine[0].rounds != step.rounds or mine[0].fisher_block != step.fisher_block:
             raise WeightsmithError(f"obert: a rule sets rounds or fisher_block for {n}; they hold for the whole model (set them on the step)")
         targets[n] = (mine[0].sparsity, mine[0].pattern, mine[0].fisher_damp)
-    keys = _weight_keys(lm, list(targets))
+    keys = weight_keys(lm, list(targets))
     weights = {n: lm.source.get(keys[n]).float() for n in targets}
     masks: dict = {n: None for n in targets}
     for j in range(step.rounds - 1):
