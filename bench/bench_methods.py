@@ -162,7 +162,8 @@ def table(payload: dict) -> str:
         lines[2] = lines[2] + " density | bias mean abs d | bias mean d |"
         lines[3] = lines[3] + "---|---|---|"
     for r in runs:
-        row = (f"| {r['recipe']} | {r['grid']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {r['kl']:.4f} | {r['top1']:.4f} | "
+        bpw = "–" if r.get("bits_per_weight") is None else f"{r['bits_per_weight']:.3f}"  # a peer's row: not counted
+        row = (f"| {r['recipe']} | {r['grid']} | {bpw} | {r['perplexity']:.2f} | {r['kl']:.4f} | {r['top1']:.4f} | "
                f"{r['quantize_s']:.1f} | {r['peak_rss_mb']:.0f} | {_e(r.get('mean_layer_error'))} | {_e(r.get('mean_rtn_layer_error'))} |")
         if extra:
             bp = r.get("bias_probe") or {}
@@ -191,7 +192,7 @@ def _peer_row(a, payload: dict, pending: dict, recipe: str, grid: str, name: str
     pout = work / ("peer_" + out.name)
     row = run_peer(a.peer, float_dir, pout, pargs, a.nsamples, a.seqlen, work / f"peer_{out.name}.log")
     pending[pname] = {"recipe": f"llm-compressor: {recipe}", "grid": grid, "dir": str(pout), "peer_of": name,
-                      "bits_per_weight": nominal_bpw(g), "date": time.strftime("%Y-%m-%d"), **row,
+                      "bits_per_weight": nominal_bpw(g) if g else None, "date": time.strftime("%Y-%m-%d"), **row,
                       **({"density": dense_density(pout)} if not g else {})}
 
 
