@@ -132,8 +132,10 @@ class Int8Head(nn.Module):
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         if self.use_kernel:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
-        else:
-            y = x2 @ self.dequantized_weight().T
+        else:  # the dequantized path: the rounded weight in float32, made once
+            if getattr(self, "_dense", None) is None:
+                self._dense = self.dequantized_weight()
+            y = x2 @ self._dense.T
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
