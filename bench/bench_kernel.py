@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, CALIB, EVAL, run_cli, smollm2_float_dir, write_results  # noqa: E402
 
 from weightsmith.kernels import LutLinear  # noqa: E402
-from weightsmith.kernels.runtime import HEAD_CHOICES, Int8Head  # noqa: E402
+from weightsmith.kernels.runtime import HEAD_CHOICES, head_on_kernel  # noqa: E402
 
 
 LLAMA_TYPES = {4: "Q4_0", 3: "Q3_K_S", 2: "Q2_K"}  # the nearest llama.cpp file type at each width
@@ -195,10 +195,7 @@ def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: 
     ref_tokens = {th: decode("dequant", th) for th in threads}
     with QuantizedCheckpoint(qdir) as ckpt:
         res.update(swap_quantized_layers(model, ckpt))
-    if isinstance(fast_head, LutLinear):  # a rounded head on its kernel from here
-        fast_head.use_kernel = True
-    elif isinstance(fast_head, Int8Head):
-        fast_head.use_kernel = Int8Head.available()
+    head_on_kernel(fast_head)  # a rounded head on its kernel from here
     res["kernel"] = lut.isa()
     res["ideal_packed_bytes"] = _ideal_packed_bytes(model)
     res["block_bpw"] = round(8 * res["ideal_packed_bytes"] / sum(m.in_features * m.out_features for m in model.modules()

@@ -116,6 +116,7 @@ class Int8Head(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.out_features, self.in_features = w.shape
         self.use_kernel = use_kernel and self.available()
+        self._dense: torch.Tensor | None = None  # the dequantized path's float32 weight, made on first use
 
     @staticmethod
     def available() -> bool:
@@ -133,11 +134,23 @@ class Int8Head(nn.Module):
         if self.use_kernel:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
         else:  # the dequantized path: the rounded weight in float32, made once
-            if getattr(self, "_dense", None) is None:
+            if self._dense is None:
                 self._dense = self.dequantized_weight()
             y = x2 @ self._dense.T
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+def head_on_kernel(head: nn.Module) -> bool:
+    """Put a rounded head (int4: :class:`LutLinear`, int8: :class:`Int8Head`) on its kernel, where this
+    build has it; False for a float head (nothing to do)."""
+    if isinstance(head, LutLinear):
+        head.use_kernel = True
+    elif isinstance(head, Int8Head):
+        head.use_kernel = Int8Head.available()
+    else:
+        return False
+    return True
 
 
 def set_head_dtype(model: nn.Module, dtype: str | None, use_kernel: bool = True) -> str:
@@ -317,8 +330,7 @@ def bench_kernel(path: str | Path, threads: int | None = None, prompt_tokens: in
     with ckpt:
         res.update(swap_quantized_layers(model, ckpt))
     head = model.get_output_embeddings()
-    if isinstance(head, (LutLinear, Int8Head)):  # a rounded head: on its kernel from here
-        head.use_kernel = isinstance(head, LutLinear) or Int8Head.available()
+    if head_on_kernel(head):
         res["head_packed_bytes"] = head.packed_nbytes()
     res.update(kernel_info())
     if lut.available():
