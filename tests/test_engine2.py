@@ -150,7 +150,7 @@ def _groups(seed=0, n=6):
 @pytest.mark.parametrize("target", [2.6, 3.3, 4.1])
 def test_knapsack_plan_is_optimal_and_within_budget(target):
     groups = _groups()
-    cfg = BitAllocConfig(target_bpw=target, resolution=20000)
+    cfg = BitAllocConfig(target_bpw=target, resolution=20000, objective="relative")
     rules, summary = plan(groups, cfg)
     numel = sum(g["numel"] for g in groups)
     assert summary["planned_bpw"] <= target + 1e-9
@@ -162,7 +162,7 @@ def test_knapsack_plan_is_optimal_and_within_budget(target):
 
 def test_knapsack_refuses_an_impossible_target():
     with pytest.raises(WeightsmithError, match="the smallest candidates need"):
-        plan(_groups(), BitAllocConfig(target_bpw=1.5))
+        plan(_groups(), BitAllocConfig(target_bpw=1.5, objective="relative"))
 
 
 def test_target_bpw_end_to_end_and_resume_key(pico_mod, tmp_path):

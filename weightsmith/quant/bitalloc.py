@@ -7,7 +7,7 @@ candidate grid (``bits`` × ``group_sizes``) the group is quantized (GPTQ with t
 quantizer options, or RTN) and its error recorded — the relative output error ‖ΔW X‖²/‖W X‖² of each
 of its layers, summed (``objective: relative``), the absolute ``tr(E H Eᵀ)`` (``absolute``), or the
 estimated loss increase ``½ Σ_i f_i (E H Eᵀ)_ii`` with ``f`` the float model's output Fisher of the layer
-(``fisher``; ``engine/fisher.py``: each output weighted by how much the loss cares about it) — with
+(``fisher``, the default; ``engine/fisher.py``: each output weighted by how much the loss cares about it) — with
 its storage in bits counted as the report counts them (codes, 16-bit scales, zero points of
 asymmetric grids, a permuting ``g_idx``). Choosing one candidate per group to minimise the summed
 error under ``Σ bits ≤ X · Σ weights`` is a multiple-choice knapsack, solved by dynamic programming
@@ -37,11 +37,12 @@ EXACT_STEPS = 200_000
 class BitAllocConfig(Strict):
     name: Literal["bitalloc"] = "bitalloc"
     target_bpw: float = Field(4.0, gt=1.0, le=16.0, description="bits per weight of the quantized layers, at most (as the report counts them)")
-    bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 8], description="candidate bit widths")
+    bits: list[int] = Field(default_factory=lambda: [3, 4, 5, 8], description="candidate bit widths (2 bits: add them; on SmolLM2 they "
+                            "hurt more than the estimates say, bench/results/target_bpw.md)")
     group_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128], description="candidate group sizes (-1: per output row)")
     measure_with: Literal["recipe", "rtn"] = Field("recipe", description="recipe: the recipe's GPTQ-family quantizer as plain GPTQ (RTN if it has none); rtn: round-to-nearest")
     objective: Literal["relative", "absolute", "fisher"] = Field(
-        "relative", description="summed relative layer output errors; absolute tr(E H Eᵀ); or fisher: Σ_i f_i (E H Eᵀ)_ii, each output "
+        "fisher", description="summed relative layer output errors; absolute tr(E H Eᵀ); or fisher: Σ_i f_i (E H Eᵀ)_ii, each output "
         "weighted by the float model's mean squared loss gradient there (an estimate of the loss increase; one extra forward+backward)")
     fisher_samples: int = Field(16, ge=1, description="objective fisher: calibration windows of the forward+backward that measures f")
     measure_clip_search: bool = Field(False, description="run the grid's clip search in the measurements too (its cost dominates the first "
