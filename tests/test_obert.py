@@ -209,6 +209,10 @@ def test_recipe_cli_and_refusals(pico, calib_file, tmp_path, capsys):
     transformers.BertModel.from_pretrained(bert).save_pretrained(plain)  # an encoder without a masked-LM head
     with pytest.raises(WeightsmithError, match="masked-LM head"):
         weightsmith.quantize(plain, {"method": "obert"}, ids, out=tmp_path / "e", progress=False)
+    with pytest.raises(WeightsmithError, match="relative needs no gradients"):  # bitalloc's default objective: the same refusal, with the way out
+        weightsmith.quantize(plain, {"method": "bitalloc:target_bpw=4.5,gptq"}, ids, out=tmp_path / "plan_e", progress=False)
+    rep = weightsmith.quantize(plain, {"method": "bitalloc:target_bpw=4.5:objective=relative,gptq"}, ids, out=tmp_path / "plan_r", progress=False)
+    assert rep["plan"]["planned_bpw"] <= 4.5
 
 
 def _mlm_loss(model, ids, mask_id):

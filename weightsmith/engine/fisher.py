@@ -185,7 +185,7 @@ def _finite(out: dict, what: str) -> None:
 
 def output_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], chunk: int = 2, progress: bool = True) -> dict[str, torch.Tensor]:
     """``{layer: f}`` with ``f`` (out_features,) float32 the summed squared gradient of the loss at each output."""
-    _check_loss(lm, "the output-Fisher objective")
+    _check_loss(lm, "the output-Fisher objective (bitalloc's default; --bitalloc-objective relative needs no gradients)")
     acc: dict[str, torch.Tensor] = {}
 
     def consume(name, _x, dy):
