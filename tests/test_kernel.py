@@ -280,9 +280,36 @@ def test_int4_head_is_rtn_of_the_head_on_the_kernel(quantized, capsys):
     assert res["head_dtype"] == "int4" and res["head_packed_bytes"] < w.numel() * 4 / 5  # 4.375 bits per weight plus the last 64-row tile
 
 
-def test_int8_head_rounds_each_row_and_runs_on_torchs_int8_matmul(quantized, capsys):
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_rows_kernel_is_the_float_matmul_of_the_rounded_rows(isa):
+    """lut.i8_gemm (the int8 head's kernel): every token count through the 4/2/1-token blocks, rows not
+    a multiple of the 4-row or 64-row blocks, K with and without a vector tail, bias or none, 1 and 2
+    threads — equal to the float64 matmul of int8 rows × scale within float32 rounding, the same
+    result on both thread counts; bad arguments refused."""
+    g = torch.Generator().manual_seed(7)
+    for M, N, K in [(1, 131, 576), (2, 64, 33), (3, 7, 16), (5, 250, 100), (7, 1, 5), (4, 65, 1536)]:
+        q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+        sc = torch.rand(N, generator=g) * 0.02 + 1e-3
+        x = torch.randn(M, K, generator=g)
+        b = torch.randn(N, generator=g)
+        ref = (x.double() @ (q.double() * sc.double()[:, None]).T)
+        bound = 1e-5 * (x.double().abs() @ (q.double().abs() * sc.double()[:, None]).T) + 1e-6
+        for bias in (None, b):
+            want = ref if bias is None else ref + bias.double()
+            got1 = lut.i8_gemm(q, sc, x, bias, threads=1, isa=isa)
+            got2 = lut.i8_gemm(q, sc, x, bias, threads=2, isa=isa)
+            assert got1.shape == (M, N) and torch.equal(got1, got2), (M, N, K)
+            assert ((got1.double() - want).abs() <= bound).all(), (M, N, K, float((got1.double() - want).abs().max()))
+    with pytest.raises(ValueError, match="int8 rows"):
+        lut.i8_gemm(q.float(), sc, x)
+    with pytest.raises(ValueError, match="expected input"):
+        lut.i8_gemm(q, sc, torch.randn(2, K + 1))
+
+
+def test_int8_head_rounds_each_row_and_runs_on_the_int8_rows_kernel(quantized, capsys):
     """--head-dtype int8 (opt-in): the head becomes int8 codes with one float32 scale per row
-    (absmax / 127, round to nearest); torch's int8 weight-only matmul gives the float32 matmul of the
+    (absmax / 127, round to nearest); the library's int8 rows kernel gives the float32 matmul of the
     rounded weight; the logits move far less than with the 4-bit head; the tied embedding is kept."""
     from weightsmith.kernels.runtime import Int8Head
 

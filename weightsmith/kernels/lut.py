@@ -32,7 +32,7 @@ log = logging.getLogger("weightsmith")
 TILE = 64
 MAX_BLOCK = 64
 SRC = Path(__file__).parent / "csrc" / "lut_gemv.cpp"
-ABI_VERSION = 10
+ABI_VERSION = 11
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fopenmp"]
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
 
@@ -365,6 +365,8 @@ def _open(path: Path):
     lib.ws_lut_gemm_planes.argtypes = [vp] * 7 + [i64] * 6 + [ci] * 4
     lib.ws_lut_gemm_planes.restype = ci
     lib.ws_lut_tables.argtypes = [vp, vp, i64, i64, i64, ci, ci, vp, vp, vp]
+    lib.ws_i8_gemm.argtypes = [vp] * 5 + [i64] * 3 + [ci] * 2
+    lib.ws_i8_gemm.restype = ci
     lib.ws_lut_tables.restype = None
     lib.ws_lut_isa.restype = ci
     lib.ws_lut_openmp.restype = ci
@@ -501,4 +503,27 @@ def lut_gemm(p: PackedLayer, x: torch.Tensor, bias: torch.Tensor | None = None, 
             M, p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, int(passes), int(threads), int(isa))
     if rc != 0:
         raise RuntimeError(f"ws_lut_gemm failed ({'bad arguments' if rc == -1 else 'instruction set not supported by this CPU'})")
+    return y
+
+
+def i8_gemm(qweight: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None, threads: int = 1,
+            isa: int = -1) -> torch.Tensor:
+    """``x`` (M, in) float32 times int8 rows ``qweight`` (out, in) with one float32 ``scale`` per row
+    (+ ``bias``) → (M, out) float32: the weights widened to float in registers (weight-only; the
+    float32 matmul of ``qweight * scale`` up to summation order). ``isa``: -1 best, 1 AVX2, 2 AVX-512."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"the kernel library is unavailable: {_LIB_REASON}")
+    N, K = qweight.shape
+    if qweight.dtype != torch.int8 or not qweight.is_contiguous() or scale.dtype != torch.float32 or scale.shape != (N,) or not scale.is_contiguous():
+        raise ValueError("i8_gemm needs contiguous int8 rows (out, in) and a contiguous float32 scale per row")
+    if x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"expected input (M, {K}), got {tuple(x.shape)}")
+    x = x.to(torch.float32).contiguous()
+    b = bias.to(torch.float32).contiguous() if bias is not None else None
+    y = torch.empty(x.shape[0], N, dtype=torch.float32)
+    rc = lib.ws_i8_gemm(qweight.data_ptr(), scale.data_ptr(), b.data_ptr() if b is not None else None, x.data_ptr(), y.data_ptr(),
+                        x.shape[0], N, K, int(threads), int(isa))
+    if rc != 0:
+        raise RuntimeError(f"ws_i8_gemm failed ({'bad arguments' if rc == -1 else 'instruction set not supported by this CPU'})")
     return y

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import WeightsmithError
 from . import lut
-from .linear import LutLinear, get_table_passes, set_num_threads, set_table_passes
+from .linear import LutLinear, get_num_threads as _threads, get_table_passes, set_num_threads, set_table_passes
 
 log = logging.getLogger("weightsmith")
 
@@ -64,7 +64,7 @@ def swap_quantized_layers(model: nn.Module, ckpt, use_kernel: bool = True) -> di
 
 HEAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 HEAD_INT4 = "int4"  # opt-in: the head quantized at run time (RTN W4 g32 symmetric, clip search) onto the kernel
-HEAD_INT8 = "int8"  # opt-in: the head rounded at run time to int8 per row (symmetric), torch's int8 weight-only matmul
+HEAD_INT8 = "int8"  # opt-in: the head rounded at run time to int8 per row (symmetric), the library's int8 rows kernel
 HEAD_CHOICES = (*HEAD_DTYPES, HEAD_INT8, HEAD_INT4)
 
 
@@ -101,9 +101,11 @@ def quantized_head(weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: 
 class Int8Head(nn.Module):
     """The output head rounded to int8, one float32 scale per output row (symmetric, ``absmax / 127``,
     round to nearest) — a copy: a tied input embedding keeps its float32 weight. ``use_kernel``: the
-    matmul is torch's int8 weight-only kernel (``aten._weight_int8pack_mm``: a quarter of a float32
-    head's bytes read per token, the int8 weights widened in registers); otherwise the float32 matmul
-    of the rounded weight (the dequantized path's reference, the same outputs within float rounding)."""
+    matmul is the kernel library's int8 rows kernel (``lut.i8_gemm``: a quarter of a float32 head's
+    bytes read per token, the int8 weights widened to float in registers; torch's own
+    ``_weight_int8pack_mm`` was slower than a bfloat16 head on Zen 4, bench/results/kernel_avx512_smollm2_int8.md);
+    otherwise, or where the library is unavailable, the float32 matmul of the rounded weight (the
+    dequantized path's reference, the same outputs within float rounding)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True):
         super().__init__()
@@ -120,8 +122,8 @@ class Int8Head(nn.Module):
 
     @staticmethod
     def available() -> bool:
-        """Whether this torch build has the int8 weight-only matmul (else the float32 matmul serves)."""
-        return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        """Whether the kernel library (with its int8 rows kernel) loads here (else the float32 matmul serves)."""
+        return lut.available()
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]
@@ -131,8 +133,8 @@ class Int8Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        if self.use_kernel:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
+        if self.use_kernel and x2.device.type == "cpu":
+            y = lut.i8_gemm(self.qweight, self.scale, x2, threads=_threads())
         else:  # the dequantized path: the rounded weight in float32, made once
             if self._dense is None:
                 self._dense = self.dequantized_weight()

@@ -512,6 +512,101 @@ __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void tile_avx512(const
         for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out64[n] + 8 * k, o[n][k]);
 }
 
+// ---------------------------------------------------------------- int8 rows (the output head)
+// y[m, n] = scale[n] * sum_k w[n, k] x[m, k] (+ bias[n]): int8 weights (one float scale per row),
+// float32 activations, each weight widened to float in registers and multiplied in float32 — a
+// weight-only kernel (a quarter of a float32 head's bytes read per token; the result is the float32
+// matmul of the dequantized weight up to summation order). Rows in blocks of 4, tokens in blocks of
+// up to 4 (AVX-512; AVX2: 2), so each loaded x vector serves 4 rows and each widened weight NT tokens.
+constexpr int I8_ROWS = 4;
+
+template <int NT>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void i8_rows_avx512(const int8_t* w, const float* scale, const float* bias,
+                                                                        const float* x, float* y, int64_t n0, int64_t n1, int64_t N,
+                                                                        int64_t K) {
+    const int64_t kv = K / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (K - kv)) - 1u);
+    for (int64_t n = n0; n < n1; n += I8_ROWS) {
+        const int rows = n1 - n < I8_ROWS ? (int)(n1 - n) : I8_ROWS;
+        __m512 acc[I8_ROWS][NT];
+        for (int r = 0; r < I8_ROWS; ++r)
+            for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            const bool full = k < kv;
+            __m512 xv[NT];
+            for (int t = 0; t < NT; ++t) xv[t] = full ? _mm512_loadu_ps(x + t * K + k) : _mm512_maskz_loadu_ps(tail, x + t * K + k);
+            for (int r = 0; r < I8_ROWS; ++r) {
+                if (r >= rows) break;
+                const int8_t* wr = w + (n + r) * K + k;
+                const __m128i b = full ? _mm_loadu_si128((const __m128i*)wr) : _mm_maskz_loadu_epi8(tail, wr);
+                const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+                for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fmadd_ps(wf, xv[t], acc[r][t]);
+            }
+        }
+        for (int r = 0; r < rows; ++r)
+            for (int t = 0; t < NT; ++t) {
+                const float v = _mm512_reduce_add_ps(acc[r][t]) * scale[n + r];
+                y[t * N + n + r] = bias ? v + bias[n + r] : v;
+            }
+    }
+}
+
+template <int NT>
+__attribute__((target("avx2,fma"))) void i8_rows_avx2(const int8_t* w, const float* scale, const float* bias, const float* x, float* y,
+                                                       int64_t n0, int64_t n1, int64_t N, int64_t K) {
+    const int64_t kv = K / 8 * 8;
+    for (int64_t n = n0; n < n1; n += I8_ROWS) {
+        const int rows = n1 - n < I8_ROWS ? (int)(n1 - n) : I8_ROWS;
+        __m256 acc[I8_ROWS][NT];
+        for (int r = 0; r < I8_ROWS; ++r)
+            for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < kv; k += 8) {
+            __m256 xv[NT];
+            for (int t = 0; t < NT; ++t) xv[t] = _mm256_loadu_ps(x + t * K + k);
+            for (int r = 0; r < rows; ++r) {
+                int64_t b8;
+                std::memcpy(&b8, w + (n + r) * K + k, 8);
+                const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(b8)));
+                for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_fmadd_ps(wf, xv[t], acc[r][t]);
+            }
+        }
+        for (int r = 0; r < rows; ++r)
+            for (int t = 0; t < NT; ++t) {
+                alignas(32) float h[8];
+                _mm256_store_ps(h, acc[r][t]);
+                float v = ((h[0] + h[1]) + (h[2] + h[3])) + ((h[4] + h[5]) + (h[6] + h[7]));
+                for (int64_t k = kv; k < K; ++k) v += (float)w[(n + r) * K + k] * x[t * K + k];
+                v *= scale[n + r];
+                y[t * N + n + r] = bias ? v + bias[n + r] : v;
+            }
+    }
+}
+
+// Rows [n0, n1) of every token: the widest token block that fits, then the rest.
+void i8_rows(int isa, const int8_t* w, const float* scale, const float* bias, const float* x, float* y, int64_t M, int64_t n0,
+             int64_t n1, int64_t N, int64_t K) {
+    for (int64_t m = 0; m < M;) {
+        const float* xm = x + m * K;
+        float* ym = y + m * N;
+        if (isa == 2 && M - m >= 4) {
+            i8_rows_avx512<4>(w, scale, bias, xm, ym, n0, n1, N, K);
+            m += 4;
+        } else if (isa == 2 && M - m >= 2) {
+            i8_rows_avx512<2>(w, scale, bias, xm, ym, n0, n1, N, K);
+            m += 2;
+        } else if (isa == 2) {
+            i8_rows_avx512<1>(w, scale, bias, xm, ym, n0, n1, N, K);
+            m += 1;
+        } else if (M - m >= 2) {
+            i8_rows_avx2<2>(w, scale, bias, xm, ym, n0, n1, N, K);
+            m += 2;
+        } else {
+            i8_rows_avx2<1>(w, scale, bias, xm, ym, n0, n1, N, K);
+            m += 1;
+        }
+    }
+}
+
 int best_isa() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
@@ -528,7 +623,7 @@ struct Scratch {
 
 extern "C" {
 
-int ws_lut_abi_version() { return 10; }
+int ws_lut_abi_version() { return 11; }
 
 // 1 when built with OpenMP (the kernel shares torch's OpenMP threads), 0 with its own thread pool.
 int ws_lut_openmp() {
@@ -680,4 +775,35 @@ int ws_lut_gemm_planes(const uint8_t* w, const uint16_t* plane_scale, const floa
     return gemm(w, plane_scale, nullptr, zc, perm, bias, x, y, M, N, K, Kp, G, S, bits, passes, threads, isa);
 }
 
+// The int8 rows kernel (the output head): w [N][K] int8, scale [N], bias [N] or null, x [M][K], y [M][N].
+// Rows are split between the threads in blocks of 64. Returns 0, -1 on bad arguments, -2 for an isa this CPU lacks.
+int ws_i8_gemm(const int8_t* w, const float* scale, const float* bias, const float* x, float* y, int64_t M, int64_t N, int64_t K,
+               int threads, int isa) {
+    if (M < 0 || N < 0 || K < 1 || !w || !scale || !x || !y) return -1;
+    const int have = best_isa();
+    if (isa < 0) isa = have;
+    if (isa == 0 || isa > have) return -2;
+    if (M == 0 || N == 0) return 0;
+    const int64_t chunks = (N + 63) / 64;
+    int nt = threads < 1 ? 1 : threads;
+    if (nt > chunks) nt = (int)chunks;
+    auto work = [&](int id, int n) {
+        const int64_t c0 = chunks * id / n, c1 = chunks * (id + 1) / n;
+        const int64_t r1 = 64 * c1 < N ? 64 * c1 : N;
+        if (64 * c0 < r1) i8_rows(isa, w, scale, bias, x, y, M, 64 * c0, r1, N, K);
+    };
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        work(omp_get_thread_num(), omp_get_num_threads());
+    } else {
+        work(0, 1);
+    }
+#else
+    pool().run(nt, [&](int id) { work(id, nt); });
+#endif
+    return 0;
+}
+
 }  // extern "C"
+
