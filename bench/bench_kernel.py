@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, CALIB, EVAL, run_cli, smollm2_float_dir, write_results  # noqa: E402
 
 from weightsmith.kernels import LutLinear  # noqa: E402
+from weightsmith.kernels.lean import LeanDecoder, unsupported_reason  # noqa: E402
+from weightsmith.kernels.lean import greedy as lean_greedy  # noqa: E402
 from weightsmith.kernels.runtime import HEAD_CHOICES, head_on_kernel  # noqa: E402
 
 
@@ -183,6 +185,22 @@ def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: 
         print(json.dumps({"model": qdir.name, **run}), file=sys.stderr, flush=True)
         return toks
 
+    def decode_lean(tag, th, ps=None):
+        """The same greedy run on the lean loop (weightsmith/kernels/lean.py): torch ops per layer on the
+        dequantized path, one library call per token when every projection is on the kernel."""
+        torch.set_num_threads(th)
+        set_num_threads(th)
+        if ps:
+            set_table_passes(ps)
+        dec = LeanDecoder(model, prompt_tokens + new_tokens + 8)
+        lean_greedy(dec, ids[:, :8], 4)  # warm-up
+        toks, tp, td = lean_greedy(dec, ids, new_tokens)
+        run = {"path": tag, "threads": th, "table_passes": ps, "decode_tokens_per_s": round((new_tokens - 1) / td, 2),
+               "prompt_tokens_per_s": round(prompt_tokens / tp, 1), "native_step": dec.native is not None}
+        res["runs"].append(run)
+        print(json.dumps({"model": qdir.name, **run}), file=sys.stderr, flush=True)
+        return toks
+
     windows = None
     if ppl_windows:
         text_ids = tokenize_text(tok, read_calibration_text(EVAL))
@@ -193,6 +211,10 @@ def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: 
     set_head_dtype(model, head_dtype, use_kernel=False)  # a rounded head (int8, int4): dequantized on the torch path, on its kernel on the kernel's
     fast_head = model.get_output_embeddings()
     ref_tokens = {th: decode("dequant", th) for th in threads}
+    lean_ok = unsupported_reason(model) is None
+    if lean_ok:
+        for th in threads:
+            decode_lean("lean dequant", th)
     with QuantizedCheckpoint(qdir) as ckpt:
         res.update(swap_quantized_layers(model, ckpt))
     head_on_kernel(fast_head)  # a rounded head on its kernel from here
@@ -205,6 +227,10 @@ def bench_one(qdir: Path, threads: list[int], passes: list[int], prompt_tokens: 
             got = decode("kernel", th, ps)
             diff = (got != ref_tokens[th]).nonzero()
             res["runs"][-1]["greedy_same_prefix"] = int(diff[0, 0]) if diff.numel() else new_tokens
+            if lean_ok:
+                got = decode_lean("lean kernel", th, ps)
+                diff = (got != ref_tokens[th]).nonzero()
+                res["runs"][-1]["greedy_same_prefix"] = int(diff[0, 0]) if diff.numel() else new_tokens
         if windows is not None:
             set_table_passes(ps)
             torch.set_num_threads(max(threads))
@@ -242,19 +268,27 @@ def table(results: list[dict], meta: dict) -> str:
              "", f"{meta['cpu']} ({meta['isa']}), {meta['load']}; {meta['prompt_tokens']}-token prompt, {meta['new_tokens']} new tokens "
              f"({meta['large_new_tokens']} on the 1 B model), greedy, batch 1; output head in {meta['head_dtype']} on both torch paths. "
              f"{meta.get('note', '')}", "",
-             "| model | bpw ours / llama.cpp | threads | dequant f32 tok/s | kernel p1 tok/s (×) | kernel p2 tok/s (×) | llama.cpp tok/s (type) | best kernel / llama.cpp | prompt tok/s dequant / p1 / p2 / llama.cpp |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Two runtimes around the same layers: transformers (the model's own forward) and the lean loop "
+             "(weightsmith/kernels/lean.py: torch ops per layer on the dequantized path, one library call per decoded token on the kernel). "
+             "× = speed over the dequantized path of the same runtime.", "",
+             "| model | bpw ours / llama.cpp | threads | dequant f32 tok/s | kernel p1 tok/s (×) | kernel p2 tok/s (×) | lean dequant tok/s | lean kernel p1 tok/s (×) | lean kernel p2 tok/s (×) | llama.cpp tok/s (type) | best kernel / llama.cpp | prompt tok/s dequant / p2 / lean p2 / llama.cpp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     floors: list[str] = []
     for r in results:
         by = {(x["path"], x["threads"], x["table_passes"]): x for x in r["runs"]}
         for th in meta["threads"]:
             d = by[("dequant", th, None)]
-            cells, prompts, best = [], [f"{d['prompt_tokens_per_s']:.0f}"], 0.0
-            for ps in (1, 2):
-                k = by.get(("kernel", th, ps))
-                cells.append(f"{k['decode_tokens_per_s']:.1f} ({k['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}×)" if k else "—")
-                prompts.append(f"{k['prompt_tokens_per_s']:.0f}" if k else "—")
-                best = max(best, k["decode_tokens_per_s"] if k else 0.0)
+            ld = by.get(("lean dequant", th, None))
+            cells, best = [], 0.0
+            for path, ref in (("kernel", d), ("lean kernel", ld)):
+                if path == "lean kernel":
+                    cells.append(f"{ld['decode_tokens_per_s']:.1f}" if ld else "—")
+                for ps in (1, 2):
+                    k = by.get((path, th, ps))
+                    cells.append(f"{k['decode_tokens_per_s']:.1f} ({k['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}×)" if k and ref else "—")
+                    best = max(best, k["decode_tokens_per_s"] if k else 0.0)
+            prompts = [f"{d['prompt_tokens_per_s']:.0f}"] + [f"{k['prompt_tokens_per_s']:.0f}" if (k := by.get((path, th, 2))) else "—"
+                                                             for path in ("kernel", "lean kernel")]
             ll = by.get(("llama.cpp", th, None))
             prompts.append(f"{ll['prompt_tokens_per_s']:.0f}" if ll else "—")
             llc = f"{ll['decode_tokens_per_s']:.1f} ({r['llama_type']})" if ll else "—"
@@ -262,10 +296,11 @@ def table(results: list[dict], meta: dict) -> str:
             bpw = f"{r['block_bpw']:.3f} / {r['llama_block_bpw']:.3f}" if ll else f"{r['block_bpw']:.3f}"
             fl = by.get(("no-matmul floor", th, None))
             floors.append(f"{r['model']} {th} thread{'s' if th > 1 else ''} {fl['decode_tokens_per_s']:.1f}" if fl else "")
-            lines.append(f"| {r['model']} | {bpw} | {th} | {d['decode_tokens_per_s']:.1f} | {cells[0]} | {cells[1]} | {llc} | {ratio} | {' / '.join(prompts)} |")
+            lines.append(f"| {r['model']} | {bpw} | {th} | {d['decode_tokens_per_s']:.1f} | {' | '.join(cells)} | {llc} | {ratio} | {' / '.join(prompts)} |")
     lines += ["", "The floor of the torch runtime — the same transformers model with every linear layer and the head replaced by a "
               "module that reads no weights (attention, norms, rotary, the KV cache and Python dispatch only), decode tok/s: "
-              + "; ".join(f for f in floors if f) + ". No kernel, however fast, makes the torch path decode faster than this."]
+              + "; ".join(f for f in floors if f) + ". No kernel, however fast, makes the transformers path decode faster than this; "
+              "the lean loop's native step does not pay it."]
     if any("dequant_ppl" in r for r in results):
         lines += ["", f"Perplexity on {meta['ppl_windows']}×{meta['seqlen']} tokens of wiki.eval.txt, kernel vs the dequantized model "
                   "(float32 head on both):", "",

@@ -227,11 +227,73 @@ def test_cli_run_and_bench_kernel(quantized, capsys):
     assert main(["bench-kernel", str(quantized["w2g64a"]), "--threads", "2", "--prompt-tokens", "8", "--new-tokens", "4", "--table-passes", "2", "-q"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["threads"] == 2 and res["prompt_tokens"] == 8 and res["new_tokens"] == 4 and res["table_passes"] == 2
-    assert res["dequant_decode_tokens_per_s"] > 0
+    assert res["dequant_decode_tokens_per_s"] > 0 and res["lean_dequant_decode_tokens_per_s"] > 0
     if lut.available():
-        assert res["kernel_decode_tokens_per_s"] > 0
+        assert res["kernel_decode_tokens_per_s"] > 0 and res["lean_kernel_decode_tokens_per_s"] > 0
+        assert res["lean_kernel_runtime"] == "lean (one library call per token)" and res["lean_greedy_tokens_same_prefix"] >= 1
     else:
         assert res["kernel_decode_tokens_per_s"] is None
+    assert info["runtime"] == ("lean (one library call per token)" if lut.available() else "lean (torch ops)")
+    # OPT is not a Llama-shaped model: auto decodes it through transformers, --runtime lean refuses it by name
+    assert main(["run", str(quantized["opt-w2-row"]), "--prompt", "w1 w2", "--max-new-tokens", "2", "--threads", "1", "-q"]) == 0
+    assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["runtime"] == "transformers"
+    assert main(["run", str(quantized["opt-w2-row"]), "--prompt", "w1 w2", "--max-new-tokens", "2", "--runtime", "lean", "-q"]) == 2
+    assert "--runtime lean: model type 'opt'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["w4g32", "w2g64a", "qwen2-w3g32a"])  # act-order columns; qwen2: q/k/v biases
+def test_lean_loop_matches_the_transformers_model(quantized, name):
+    """The lean loop (kernels/lean.py) on the same modules: prompt logits (torch ops, the kernel's GEMM)
+    and token-by-token logits (one library call per token: ws_lean_step) equal transformers' within
+    float rounding, on the dequantized float path and on the kernel; the same greedy tokens; q/k/v and
+    gate/up fused into one kernel layer each, whose output is the parts' concatenated bit for bit."""
+    from weightsmith.kernels import lean
+    from weightsmith.kernels.runtime import greedy, load_float, load_lut_model
+
+    ids = calib_ids(1, 20)
+    for kernel in (False, True):
+        model = load_lut_model(quantized[name])[0] if kernel else load_float(quantized[name])[0]
+        with torch.no_grad():
+            ref = model(ids).logits[0]
+        dec = lean.LeanDecoder(model, 32)
+        assert (dec.native is not None) == (kernel and lut.available())
+        tol = (3e-4 if kernel else 1e-5) * float(ref.abs().max())  # the kernel's int8 tables see slightly other norms
+        assert float((dec(ids[0], all_logits=True) - ref).abs().max()) <= tol
+        dec.reset()
+        dec(ids[0, :6])
+        steps = torch.cat([dec(ids[0, t : t + 1]) for t in range(6, 20)])
+        assert float((steps - ref[6:]).abs().max()) <= tol
+        assert dec.pos == 20
+        with pytest.raises(ValueError, match="KV cache holds 32"):
+            dec(ids[0, :13])
+        assert torch.equal(lean.greedy(dec, ids, 6)[0], greedy(model, ids, 6)[0])
+        if kernel:
+            a = model.model.layers[1].self_attn
+            fused = dec.layers[1][1]
+            assert isinstance(fused, LutLinear) and fused.out_features == a.q_proj.out_features + 2 * a.k_proj.out_features
+            h = torch.randn(3, a.q_proj.in_features)
+            assert torch.equal(fused(h), torch.cat([a.q_proj(h), a.k_proj(h), a.v_proj(h)], -1))
+
+
+def test_lean_loop_refusals_and_unfusable_layers(quantized):
+    """Layers that cannot share one kernel call (other group sizes) stay separate calls; a model type the
+    loop does not know is refused by name."""
+    from weightsmith.kernels import lean
+    from weightsmith.kernels.runtime import load_lut_model
+
+    g = torch.Generator().manual_seed(1)
+    mods = []
+    for gs in (32, 64):
+        q = torch.randint(0, 16, (64, 128), generator=g, dtype=torch.int32)
+        mods.append(LutLinear(lut.pack(q, torch.rand(64, 128 // gs) + 0.1, torch.full((64, 128 // gs), 8.0), (torch.arange(128) // gs).int(), 4)))
+    assert lean.fuse(mods) is None and lean.fuse([mods[0], mods[0]]) is not None
+    j = lean._joined(mods)
+    x = torch.randn(2, 128)
+    assert isinstance(j, lean._Joined) and torch.equal(j(x), torch.cat([m(x) for m in mods], -1))
+    model = load_lut_model(quantized["opt-w2-row"])[0]
+    assert "model type 'opt'" in lean.unsupported_reason(model)
+    with pytest.raises(ValueError, match="model type 'opt'"):
+        lean.LeanDecoder(model, 16)
 
 
 def _swapped_head(path, dtype: str, windows: int):

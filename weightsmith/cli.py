@@ -448,7 +448,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .kernels.runtime import run
 
     res = run(a.model, a.prompt, max_new_tokens=a.max_new_tokens, threads=a.threads, table_passes=a.table_passes,
-              head_dtype=a.head_dtype)
+              head_dtype=a.head_dtype, runtime=a.runtime)
     print(res.pop("text"))
     print(dumps(res), file=sys.stderr)
     return 0
@@ -635,14 +635,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--head-dtype", choices=HEAD_DTYPES, default=None,
                    help="the output head's weight type (default float32, as the checkpoint keeps it; bfloat16 halves what "
                         "each decoded token reads; int8 rounds the head per row at load — a quarter of the bytes, torch's "
-                        "int8 weight-only matmul, outputs within ~0.1%% of the checkpoint's; int4 rounds it to 4 bits on the "
+                        "int8 rows kernel, outputs within ~0.1%% of the checkpoint's; int4 rounds it to 4 bits on the "
                         "kernel at load — an eighth of the bytes, and outputs that differ from the checkpoint's)")
+    r.add_argument("--runtime", choices=("auto", "lean", "transformers"), default="auto",
+                   help="auto (default): the lean loop for Llama, Mistral and Qwen2 models (one library call per decoded "
+                        "token when every projection is on the kernel), transformers for the others; lean: refuse other "
+                        "models; transformers: the model's own forward")
     r.set_defaults(fn=cmd_run)
 
     bk = sub.add_parser("bench-kernel", parents=[common], help="decode tokens/s: lookup-table kernel vs the dequantized float path",
                         description="Greedy batch-1 decoding of QUANTIZED, first through its dequantized float32 weights in torch, "
-                                    "then with the quantized layers on the lookup-table kernel: same model, prompt and threads. "
-                                    "Prints one JSON line (kernel_decode_tokens_per_s, dequant_decode_tokens_per_s, prompt tokens/s, ...).")
+                                    "then with the quantized layers on the lookup-table kernel: same model, prompt and threads; "
+                                    "through transformers and, for Llama, Mistral and Qwen2 models, through the lean loop too. "
+                                    "Prints one JSON line (kernel_decode_tokens_per_s, dequant_decode_tokens_per_s, "
+                                    "lean_kernel_decode_tokens_per_s, prompt tokens/s, ...).")
     bk.add_argument("quantized", help="directory written by `weightsmith quantize` (1-4 bits)")
     bk.add_argument("--threads", type=int, default=None, help="threads of the kernel and of torch (default: torch's)")
     bk.add_argument("--prompt-tokens", type=int, default=64)

@@ -32,7 +32,7 @@ log = logging.getLogger("weightsmith")
 TILE = 64
 MAX_BLOCK = 64
 SRC = Path(__file__).parent / "csrc" / "lut_gemv.cpp"
-ABI_VERSION = 11
+ABI_VERSION = 12
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fopenmp"]
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
 
@@ -367,6 +367,8 @@ def _open(path: Path):
     lib.ws_lut_tables.argtypes = [vp, vp, i64, i64, i64, ci, ci, vp, vp, vp]
     lib.ws_i8_gemm.argtypes = [vp] * 5 + [i64] * 3 + [ci] * 2
     lib.ws_i8_gemm.restype = ci
+    lib.ws_lean_step.argtypes = [vp, i64, vp, vp, vp] + [i64] * 7 + [ctypes.c_float] * 2 + [ci] * 2
+    lib.ws_lean_step.restype = ci
     lib.ws_lut_tables.restype = None
     lib.ws_lut_isa.restype = ci
     lib.ws_lut_openmp.restype = ci

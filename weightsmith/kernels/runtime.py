@@ -280,9 +280,34 @@ def _set_passes(passes: int | None) -> int:
     return get_table_passes()
 
 
+RUNTIMES = ("auto", "lean", "transformers")
+
+
+def _lean(model, max_len: int, runtime: str):
+    """The lean decoder for ``runtime`` ("auto": where the architecture allows; "lean": required), or None."""
+    from .lean import LeanDecoder, unsupported_reason
+
+    if runtime not in RUNTIMES:
+        raise WeightsmithError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if runtime == "transformers":
+        return None
+    why = unsupported_reason(model, max_len)
+    if why:
+        if runtime == "lean":
+            raise WeightsmithError(f"--runtime lean: {why}")
+        log.info("decoding through transformers: the lean loop does not run %s", why)
+        return None
+    return LeanDecoder(model, max_len)
+
+
+def _runtime_name(dec) -> str:
+    return "transformers" if dec is None else "lean (one library call per token)" if dec.native is not None else "lean (torch ops)"
+
+
 def run(path: str | Path, prompt: str, max_new_tokens: int = 64, threads: int | None = None,
-        table_passes: int | None = None, head_dtype: str | None = None) -> dict:
-    """Generate greedily from ``prompt`` with the quantized layers on the kernel."""
+        table_passes: int | None = None, head_dtype: str | None = None, runtime: str = "auto") -> dict:
+    """Generate greedily from ``prompt`` with the quantized layers on the kernel; ``runtime``: the lean
+    loop (``kernels/lean.py``) where the architecture allows ("auto"), always ("lean"), or never ("transformers")."""
     threads = _set_threads(threads)
     passes = _set_passes(table_passes)
     model, tok, info = load_lut_model(path)
@@ -292,7 +317,16 @@ def run(path: str | Path, prompt: str, max_new_tokens: int = 64, threads: int | 
     ids = tok(prompt, return_tensors="pt").input_ids
     if ids.numel() == 0:
         raise WeightsmithError("--prompt is empty after tokenization")
-    new, t_prefill, t_decode = greedy(model, ids, max_new_tokens)
+    if max_new_tokens < 1:
+        raise WeightsmithError(f"--max-new-tokens must be >= 1, not {max_new_tokens}")
+    dec = _lean(model, ids.shape[1] + max_new_tokens, runtime)
+    info["runtime"] = _runtime_name(dec)
+    if dec is not None:
+        from .lean import greedy as lean_greedy
+
+        new, t_prefill, t_decode = lean_greedy(dec, ids, max_new_tokens)
+    else:
+        new, t_prefill, t_decode = greedy(model, ids, max_new_tokens)
     eos = tok.eos_token_id
     lst = new.tolist()
     if eos is not None and eos in lst:
@@ -307,7 +341,8 @@ def run(path: str | Path, prompt: str, max_new_tokens: int = 64, threads: int | 
 def bench_kernel(path: str | Path, threads: int | None = None, prompt_tokens: int = 64, new_tokens: int = 128,
                  warmup_tokens: int = 4, table_passes: int | None = None, head_dtype: str | None = None) -> dict:
     """Decode and prompt tokens/s of the kernel vs the dequantized float32 path (the model's own
-    ``nn.Linear``), same model, prompt and threads; greedy, batch 1."""
+    ``nn.Linear``), same model, prompt and threads; greedy, batch 1 — through transformers, and (where the
+    architecture allows) both again through the lean loop (``lean_*`` keys)."""
     from ..export.common import QuantizedCheckpoint
 
     if new_tokens < 2 or prompt_tokens < 1:
@@ -321,14 +356,25 @@ def bench_kernel(path: str | Path, threads: int | None = None, prompt_tokens: in
     res = {"model": str(path), **_scheme(ckpt), "threads": threads, "table_passes": passes,
            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "head_dtype": set_head_dtype(model, head_dtype, use_kernel=False)}
 
-    def timed(tag):
-        greedy(model, ids[:, : min(8, prompt_tokens)], warmup_tokens)
-        toks, tp, td = greedy(model, ids, new_tokens)
+    from .lean import greedy as lean_greedy
+    from .lean import unsupported_reason
+
+    lean_ok = unsupported_reason(model, prompt_tokens + new_tokens) is None
+
+    def timed(tag, lean=False):
+        dec = _lean(model, prompt_tokens + new_tokens, "lean") if lean else None
+        gen = (lambda i, n: lean_greedy(dec, i, n)) if lean else (lambda i, n: greedy(model, i, n))
+        gen(ids[:, : min(8, prompt_tokens)], warmup_tokens)
+        toks, tp, td = gen(ids, new_tokens)
         res[f"{tag}_decode_tokens_per_s"] = round((new_tokens - 1) / td, 3)
         res[f"{tag}_prompt_tokens_per_s"] = round(prompt_tokens / tp, 3)
+        if lean:
+            res[f"{tag}_runtime"] = _runtime_name(dec)
         return toks
 
     ref = timed("dequant")
+    if lean_ok:
+        timed("lean_dequant", lean=True)
     with ckpt:
         res.update(swap_quantized_layers(model, ckpt))
     head = model.get_output_embeddings()
@@ -340,6 +386,11 @@ def bench_kernel(path: str | Path, threads: int | None = None, prompt_tokens: in
         diff = (got != ref).nonzero()
         res["greedy_tokens_same_prefix"] = int(diff[0, 0]) if diff.numel() else new_tokens
         res["decode_speedup"] = round(res["kernel_decode_tokens_per_s"] / res["dequant_decode_tokens_per_s"], 3)
+        if lean_ok:
+            got = timed("lean_kernel", lean=True)
+            diff = (got != ref).nonzero()
+            res["lean_greedy_tokens_same_prefix"] = int(diff[0, 0]) if diff.numel() else new_tokens
+            res["lean_decode_speedup"] = round(res["lean_kernel_decode_tokens_per_s"] / res["lean_dequant_decode_tokens_per_s"], 3)
     else:
         res["kernel_decode_tokens_per_s"] = None
         res["kernel_prompt_tokens_per_s"] = None

@@ -623,7 +623,7 @@ struct Scratch {
 
 extern "C" {
 
-int ws_lut_abi_version() { return 11; }
+int ws_lut_abi_version() { return 12; }
 
 // 1 when built with OpenMP (the kernel shares torch's OpenMP threads), 0 with its own thread pool.
 int ws_lut_openmp() {
@@ -805,5 +805,123 @@ int ws_i8_gemm(const int8_t* w, const float* scale, const float* bias, const flo
     return 0;
 }
 
+// ---------------------------------------------------------------- one decode step of a Llama-shaped block stack
+// (weightsmith/kernels/lean.py: the lean loop's single-token step with every projection on the kernel;
+// RMSNorm, rotary embedding, the KV cache write, grouped-KV attention and the SiLU gate in plain float
+// code between the kernel calls, so a decoded token costs no Python or torch dispatch per layer.)
+struct WsLin {
+    const uint8_t* w;
+    const uint16_t* scale;
+    const int8_t* z2;    // uniform grid (null for HLQ planes)
+    const float* zc;     // HLQ planes (null for a uniform grid)
+    const int32_t* perm;  // null: identity
+    const float* bias;    // may be null
+    int64_t N, K, Kp, G, S;
+    int32_t bits, pad;
+};
+
+struct WsLayer {
+    const float* n1;  // input RMSNorm weight [H]
+    const float* n2;  // post-attention RMSNorm weight [H]
+    WsLin qkv;        // rows: q (nh hd), k (nkv hd), v (nkv hd)
+    WsLin o;          // nh hd -> H
+    WsLin gu;         // rows: gate (inter), up (inter)
+    WsLin down;       // inter -> H
+    float* kc;        // [nkv][max_len][hd]
+    float* vc;
+};
+
+static int lin(const WsLin& L, const float* x, float* y, int passes, int threads) {
+    return gemm(L.w, L.scale, L.z2, L.zc, L.perm, L.bias, x, y, 1, L.N, L.K, L.Kp, L.G, L.S, L.bits, passes, threads, -1);
+}
+
+static void rms_norm(const float* x, const float* w, float* h, int64_t H, float eps) {
+    double ss = 0.0;
+    for (int64_t k = 0; k < H; ++k) ss += (double)x[k] * x[k];
+    const float r = 1.0f / std::sqrt((float)(ss / (double)H) + eps);
+    for (int64_t k = 0; k < H; ++k) h[k] = w[k] * (x[k] * r);
+}
+
+// One head's attention over L cached positions: out = softmax(scaling q·k_t) · v_t, lanes of 8 (AVX2).
+__attribute__((target("avx2,fma"))) static void attend(const float* q, const float* kb, const float* vb, int64_t L, int64_t hd,
+                                                        float scaling, float* p, float* out) {
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < L; ++t) {
+        const float* k = kb + t * hd;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t c = 0;
+        for (; c + 8 <= hd; c += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c)));
+        alignas(32) float l[8];
+        _mm256_store_ps(l, acc);
+        float d = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+        for (; c < hd; ++c) d += q[c] * k[c];
+        p[t] = d * scaling;
+        mx = p[t] > mx ? p[t] : mx;
+    }
+    float den = 0.0f;
+    for (int64_t t = 0; t < L; ++t) {
+        p[t] = std::exp(p[t] - mx);
+        den += p[t];
+    }
+    for (int64_t c = 0; c < hd; ++c) out[c] = 0.0f;
+    for (int64_t t = 0; t < L; ++t) {
+        const float wt = p[t] / den;
+        const float* v = vb + t * hd;
+        const __m256 w8 = _mm256_set1_ps(wt);
+        int64_t c = 0;
+        for (; c + 8 <= hd; c += 8) _mm256_storeu_ps(out + c, _mm256_add_ps(_mm256_loadu_ps(out + c), _mm256_mul_ps(w8, _mm256_loadu_ps(v + c))));
+        for (; c < hd; ++c) out[c] += wt * v[c];
+    }
+}
+
+// x [H] in/out: the hidden state of the token at position pos, through all layers (before the final
+// norm). cos, sin [hd]: the rotary embedding of position pos. Returns 0, or the first kernel error.
+int ws_lean_step(const WsLayer* layers, int64_t nl, float* x, const float* cos, const float* sin, int64_t pos, int64_t max_len,
+                 int64_t H, int64_t nh, int64_t nkv, int64_t hd, int64_t inter, float eps, float scaling, int passes, int threads) {
+    if (nl < 1 || pos < 0 || pos >= max_len || H < 1 || nh < 1 || nkv < 1 || nh % nkv || hd < 2 || hd % 2 || inter < 1) return -1;
+    const int64_t nq = nh * hd, nqkv = (nh + 2 * nkv) * hd, half = hd / 2, L = pos + 1, rep = nh / nkv;
+    thread_local std::vector<float> buf;
+    buf.resize((size_t)(H + nqkv + nq + H + 2 * inter + L));
+    float* h = buf.data();
+    float* y = h + H;
+    float* att = y + nqkv;
+    float* o = att + nq;
+    float* g = o + H;
+    float* p = g + 2 * inter;
+    for (int64_t i = 0; i < nl; ++i) {
+        const WsLayer& Ly = layers[i];
+        if (Ly.qkv.N != nqkv || Ly.o.N != H || Ly.gu.N != 2 * inter || Ly.down.N != H) return -1;
+        rms_norm(x, Ly.n1, h, H, eps);
+        int rc = lin(Ly.qkv, h, y, passes, threads);
+        if (rc) return rc;
+        for (int64_t j = 0; j < nh + nkv; ++j) {  // rotary: v*cos + rotate_half(v)*sin
+            float* v = y + j * hd;
+            for (int64_t t = 0; t < half; ++t) {
+                const float a = v[t], b = v[t + half];
+                v[t] = a * cos[t] - b * sin[t];
+                v[t + half] = b * cos[t + half] + a * sin[t + half];
+            }
+        }
+        for (int64_t gk = 0; gk < nkv; ++gk) {
+            std::memcpy(Ly.kc + (gk * max_len + pos) * hd, y + nq + gk * hd, hd * sizeof(float));
+            std::memcpy(Ly.vc + (gk * max_len + pos) * hd, y + nq + (nkv + gk) * hd, hd * sizeof(float));
+        }
+        for (int64_t j = 0; j < nh; ++j)  // head j reads KV head j / rep
+            attend(y + j * hd, Ly.kc + (j / rep) * max_len * hd, Ly.vc + (j / rep) * max_len * hd, L, hd, scaling, p, att + j * hd);
+        if ((rc = lin(Ly.o, att, o, passes, threads))) return rc;
+        for (int64_t k = 0; k < H; ++k) x[k] += o[k];
+        rms_norm(x, Ly.n2, h, H, eps);
+        if ((rc = lin(Ly.gu, h, g, passes, threads))) return rc;
+        for (int64_t k = 0; k < inter; ++k) {
+            const float z = g[k];
+            g[k] = z / (1.0f + std::exp(-z)) * g[inter + k];
+        }
+        if ((rc = lin(Ly.down, g, o, passes, threads))) return rc;
+        for (int64_t k = 0; k < H; ++k) x[k] += o[k];
+    }
+    return 0;
+}
+
 }  // extern "C"
+
 
