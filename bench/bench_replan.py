@@ -3,6 +3,10 @@ planner settings — candidate subsets, the other objective — and run the seco
 with the new plan's per-layer rules), then evaluate by the protocol. Measurements are taken once.
 
     .venv/bin/python bench/bench_replan.py RUN_DIR --variant NAME:bits=3,4,8:objective=relative [...] --tag replan
+
+``--recipe STEPS`` applies the plans with other steps than the run's (the step grammar, e.g. ``gptq``):
+the measurements are the planner's (plain GPTQ with the recipe quantizer's options), so one first
+pass serves the GPTQ family's recipes alike.
 """
 from __future__ import annotations
 
@@ -24,12 +28,17 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("--variant", action="append", required=True, help="NAME:bits=3,4,8:group_sizes=32,64,128:objective=relative")
     ap.add_argument("--tag", default="replan")
+    ap.add_argument("--recipe", help="steps to apply the plans with (default: the run's own, less the planner)")
     a = ap.parse_args()
     run = Path(a.run)
     saved = json.loads((run / "plan.json").read_text())
     rep = json.loads((run / "report.json").read_text())
     planner = next(s for s in rep["config"]["steps"] if s["name"] == "bitalloc")
     rest = [s for s in rep["config"]["steps"] if s["name"] != "bitalloc"]
+    if a.recipe:
+        from weightsmith.config import parse_steps
+
+        rest = parse_steps(a.recipe)
     work = CACHE / a.tag
     work.mkdir(parents=True, exist_ok=True)
     float_dir = smollm2_float_dir()
@@ -50,7 +59,7 @@ def main() -> None:
                  "--overwrite", "--quiet"], work / f"{name}.log")
         r = json.loads((out / "report.json").read_text())
         outs[name] = out
-        info[name] = {"planner": cfg.model_dump(), "planned_bpw": summary["planned_bpw"], "share_of_weights": summary["share_of_weights"],
+        info[name] = {"planner": cfg.model_dump(), "recipe": rest, "planned_bpw": summary["planned_bpw"], "share_of_weights": summary["share_of_weights"],
                       "bits_per_weight": r["summary"]["bits_per_weight"], "quantize_s": r["wall_time_s"]}
     ev = eval_many(outs, float_dir, EVAL)
     for n in info:

@@ -232,6 +232,37 @@ def test_output_fisher_is_the_mean_squared_loss_gradient_at_each_output(pico_mod
         assert (got[n] > 0).all()
 
 
+def test_model_sampled_fisher_at_the_logits_is_the_true_fisher(pico_mod):
+    """labels=model: at the logits the loss gradient is p − e_y with y drawn from p, whose mean square
+    is p(1 − p) per vocabulary entry: the summed estimate over the vocabulary matches the analytic
+    mean of 1 − Σ_i p_i² within sampling noise; the data-label estimate does not; seeded (same draws
+    twice); fisher_labels reaches the gradient pass through the planner and changes the plan's measurements."""
+    from transformers import AutoModelForCausalLM
+
+    from weightsmith.engine.fisher import output_fisher
+    from weightsmith.model.adapter import LazyModel
+    from weightsmith.model.source import CheckpointSource
+
+    with CheckpointSource(pico_mod) as src:
+        true1 = output_fisher(LazyModel(src), IDS, ["lm_head"], chunk=4, progress=False, labels="model")["lm_head"]
+        true2 = output_fisher(LazyModel(src), IDS, ["lm_head"], chunk=4, progress=False, labels="model")["lm_head"]
+        emp = output_fisher(LazyModel(src), IDS, ["lm_head"], chunk=4, progress=False)["lm_head"]
+    m = AutoModelForCausalLM.from_pretrained(pico_mod, dtype=torch.float32).eval()
+    with torch.no_grad():
+        pr = torch.softmax(m(input_ids=IDS).logits[:, :-1].double(), -1)
+    want = (pr * (1 - pr)).reshape(-1, pr.shape[-1]).mean(0)  # E_y (p_i − 1[y = i])² = p_i (1 − p_i), per entry
+    assert torch.equal(true1, true2)
+    assert abs(float(true1.sum()) / float(want.sum()) - 1) < 0.05, (float(true1.sum()), float(want.sum()))
+    seen = torch.zeros(pr.shape[-1], dtype=torch.bool)
+    seen[IDS[:, 1:].reshape(-1)] = True  # the entries the text's next tokens hit
+    share = lambda f: float(f.double()[seen].sum() / f.double().sum())  # noqa: E731
+    assert abs(share(true1) - share(want)) < 0.1, (share(true1), share(want))
+    assert share(emp) > share(want) + 0.3, (share(emp), share(want))  # the data labels put it on the text's tokens
+    with pytest.raises(WeightsmithError, match="labels must be"):
+        with CheckpointSource(pico_mod) as src:
+            output_fisher(LazyModel(src), IDS[:2], ["lm_head"], progress=False, labels="text")
+
+
 def test_target_bpw_with_the_fisher_objective(pico_mod, tmp_path):
     rep = weightsmith.quantize(pico_mod, {"method": "bitalloc:target_bpw=3.5:bits=[2,3,4,8]:group_sizes=[32,64]:objective=fisher:fisher_samples=4,gptq",
                                           "grid": {"bits": 4, "group_size": 32}}, IDS, out=tmp_path / "f", progress=False)

@@ -252,7 +252,7 @@ def _plan(lm: LazyModel, cfg: QuantizeConfig, planner, ids: torch.Tensor, tmp: P
         req = planner.gradient_request() if hasattr(planner, "gradient_request") else {}
         n = int(req.get("samples") or ids.shape[0])
         names = [l.name for i in range(len(lm.blocks)) for l in lm.layers(i, cfg.ignore)]
-        fisher = output_fisher(lm, ids[:n], names, progress=progress)
+        fisher = output_fisher(lm, ids[:n], names, progress=progress, labels=req.get("labels", "data"))
     measurements = measure_pass(lm, cfg, ids, planner, progress, fisher=fisher)
     rules, summary = spec.planner.plan(measurements, planner, cfg)
     plan = {**summary, "measure_seconds": round(time.time() - t0, 2)}

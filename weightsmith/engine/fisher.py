@@ -94,12 +94,17 @@ def mlm_inputs(ids: torch.Tensor, first: int, mask_id: int, vocab: int, special:
 
 def gradient_pass(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], consume: Callable[[str, torch.Tensor, torch.Tensor], None],
                   chunk: int = 2, progress: bool = True, per_window_mean: bool = False, desc: str = "gradients",
-                  weights: dict[str, torch.Tensor] | None = None) -> int:
+                  weights: dict[str, torch.Tensor] | None = None, labels: str = "data", seed: int = 0) -> int:
     """One forward+backward of the whole float model over ``ids``; ``consume(name, x, dy)`` per layer and chunk
     (float32, (b, T, in) and (b, T, out)). The loss is summed over tokens, or (``per_window_mean``) the sum over
     windows of each window's mean token loss. ``weights`` ({layer: (out, in)}) replace those linear layers'
-    checkpoint weights for this pass (a gradual step's model as changed so far). Returns the number of
-    predicted tokens (masked-LM: chosen positions)."""
+    checkpoint weights for this pass (a gradual step's model as changed so far). ``labels="model"`` (causal
+    LMs): each position's target is drawn from the model's own next-token distribution (seeded by ``seed``
+    and the window index) instead of the text's next token — the squared gradients then estimate the
+    model's (true) Fisher, the curvature of the KL to its own outputs, rather than the empirical Fisher
+    of the data. Returns the number of predicted tokens (masked-LM: chosen positions)."""
+    if labels not in ("data", "model"):
+        raise WeightsmithError(f"gradient pass: labels must be data or model, not {labels!r}")
     from ..eval.loading import model_kind
 
     masked = model_kind(lm.config) != "causal"
@@ -156,7 +161,11 @@ def gradient_pass(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], cons
                 else:
                     x = x.to(lm.device)
                     logits = model(input_ids=x, use_cache=False).logits.float()
-                    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+                    target = x[:, 1:].reshape(-1)
+                    if labels == "model":  # one draw per position from the model's own distribution
+                        probs = torch.softmax(logits[:, :-1].detach().reshape(-1, logits.shape[-1]), -1).cpu()
+                        target = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed * 1_000_003 + s))[:, 0].to(lm.device)
+                    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target, reduction="none")
                     loss = nll.reshape(x.shape[0], -1).mean(1).sum() if per_window_mean else nll.sum()
                     tokens += x[:, 1:].numel()
                 loss.backward()
@@ -172,6 +181,12 @@ def gradient_pass(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], cons
     return tokens
 
 
+def model_kind_of(lm: LazyModel) -> str:
+    from ..eval.loading import model_kind
+
+    return model_kind(lm.config)
+
+
 def _accumulate(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
     """``acc[name] += value`` (the first value of a layer is kept as is)."""
     acc[name] = acc[name].add_(value) if name in acc else value
@@ -183,15 +198,19 @@ def _finite(out: dict, what: str) -> None:
         raise WeightsmithError(f"{what} of {bad[0]} is not finite: the float model's loss has no usable gradient")
 
 
-def output_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], chunk: int = 2, progress: bool = True) -> dict[str, torch.Tensor]:
-    """``{layer: f}`` with ``f`` (out_features,) float32 the summed squared gradient of the loss at each output."""
+def output_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], chunk: int = 2, progress: bool = True,
+                  labels: str = "data") -> dict[str, torch.Tensor]:
+    """``{layer: f}`` with ``f`` (out_features,) float32 the summed squared gradient of the loss at each output
+    (``labels``: the text's next tokens, or draws from the model — see :func:`gradient_pass`)."""
     _check_loss(lm, "the output-Fisher objective (bitalloc's default; --bitalloc-objective relative needs no gradients)")
     acc: dict[str, torch.Tensor] = {}
 
     def consume(name, _x, dy):
         _accumulate(acc, name, dy.double().pow(2).reshape(-1, dy.shape[-1]).sum(0).cpu())
 
-    tokens = gradient_pass(lm, ids, layer_names, consume, chunk, progress, desc="output Fisher")
+    if labels == "model" and model_kind_of(lm) != "causal":
+        raise WeightsmithError("the model-sampled Fisher (fisher_labels: model) is for causal LMs; encoders use the masked-LM loss's data labels")
+    tokens = gradient_pass(lm, ids, layer_names, consume, chunk, progress, desc="output Fisher", labels=labels)
     out = {n: (acc[n] / max(tokens, 1)).float() for n in layer_names if n in acc}
     _finite(out, "output Fisher")
     log.info("output Fisher of %d layers from %d tokens", len(out), tokens)
