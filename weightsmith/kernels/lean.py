@@ -45,6 +45,9 @@ def unsupported_reason(model: nn.Module, max_len: int | None = None) -> str | No
     body = getattr(model, "model", None)
     if body is None or not hasattr(body, "layers") or not hasattr(body, "rotary_emb") or not hasattr(body, "norm"):
         return "not a decoder with model.layers, model.rotary_emb and model.norm"
+    rope = getattr(body.rotary_emb, "rope_type", "default")
+    if rope in ("dynamic", "longrope"):  # their frequencies follow the sequence length; the loop tabulates them once
+        return f"a {rope} rotary embedding"
     for ly in body.layers:
         a, m = getattr(ly, "self_attn", None), getattr(ly, "mlp", None)
         if a is None or m is None or not all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) or \
