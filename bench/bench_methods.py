@@ -35,7 +35,17 @@ from common import CACHE, CALIB, EVAL, RESULTS, SHARED, eval_many, run_cli, smol
 PEER_PRUNERS = ("sparsegpt", "wanda")  # what ../shared/tools/peer_llmcompressor.py --prune runs
 
 def legacy_recipe(recipe: str) -> str:
-    """A recipe name of the stores before Engine 2 (``awq>gptq``, ``rescomp>lorc8:float_samples=64``) in the step grammar."""
+    """A recipe name of the stores before Engine 2 (``awq>gptq``, ``rescomp>lorc8:float_samples=64``; ``awq`` alone
+    meant AWQ then the implied RTN) in the step grammar."""
+    from weightsmith.config import _step_kind
+
+    if "," not in recipe and ">" not in recipe:
+        name = recipe.partition(":")[0]
+        try:
+            kind = _step_kind({"name": name})
+        except Exception:  # not a step name: left to build_config's message
+            return recipe
+        return f"{recipe},rtn" if kind == "transform" else recipe
     if ">" not in recipe:
         return recipe
     names, _, opts = recipe.partition(":")
@@ -44,8 +54,6 @@ def legacy_recipe(recipe: str) -> str:
         m = re.fullmatch(r"lorc(\d+)", st)
         steps.append(f"lorc:rank={m.group(1)}" if m else st)
     if opts:  # the options went to the quantizer step
-        from weightsmith.config import _step_kind
-
         qi = next(i for i, st in enumerate(steps) if _step_kind({"name": st.split(":")[0]}) == "quantizer")
         steps[qi] += ":" + opts.replace(",", ":")
     return ",".join(steps)
