@@ -369,6 +369,37 @@ def test_int8_rows_kernel_is_the_float_matmul_of_the_rounded_rows(isa):
         lut.i8_gemm(q, sc, torch.randn(2, K + 1))
 
 
+@pytest.mark.skipif(not (lut.available() and lut.i8_vnni()), reason="needs AVX-512 VNNI")
+def test_int8_rows_kernel_with_int8_activations_on_vnni():
+    """lut.i8_gemm(act8=True), one token on VNNI: the activations rounded to int8 twice (value and
+    residual), integer dot products — within the rounding's provable bound of the float64 matmul
+    (|x − x̂| ≤ absmax / 64516 per input), far inside the int8 weights' own rounding; K with and without
+    a 64-byte tail, bias or none, the same result on 1 and 2 threads; more tokens or a non-finite input
+    take the weight-only path."""
+    g = torch.Generator().manual_seed(11)
+    for N, K in [(131, 576), (70, 100), (5, 33), (300, 2048), (64, 64)]:
+        q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+        sc = torch.rand(N, generator=g) * 0.02 + 1e-3
+        x = torch.randn(1, K, generator=g) * 3
+        b = torch.randn(N, generator=g)
+        wabs = q.double().abs() * sc.double()[:, None]
+        ref = x.double() @ (q.double() * sc.double()[:, None]).T
+        bound = wabs.sum(1) * (x.abs().max().double() / 64516) * (1 + 1e-4) + 1e-5 * (x.double().abs() @ wabs.T) + 1e-6
+        for bias in (None, b):
+            want = ref if bias is None else ref + bias.double()
+            got1 = lut.i8_gemm(q, sc, x, bias, threads=1, act8=True)
+            got2 = lut.i8_gemm(q, sc, x, bias, threads=2, act8=True)
+            assert torch.equal(got1, got2), (N, K)
+            err = (got1.double() - want).abs()
+            assert (err <= bound).all(), (N, K, float((err - bound).max()))
+            assert not torch.equal(got1, lut.i8_gemm(q, sc, x, bias, act8=False))  # it is the integer path
+        x3 = torch.randn(3, K, generator=g)
+        assert torch.equal(lut.i8_gemm(q, sc, x3, act8=True), lut.i8_gemm(q, sc, x3, act8=False))
+        xn = x.clone()
+        xn[0, 0] = float("inf")
+        assert torch.allclose(lut.i8_gemm(q, sc, xn, act8=True), lut.i8_gemm(q, sc, xn, act8=False), equal_nan=True)
+
+
 def test_int8_head_rounds_each_row_and_runs_on_the_int8_rows_kernel(quantized, capsys):
     """--head-dtype int8 (opt-in): the head becomes int8 codes with one float32 scale per row
     (absmax / 127, round to nearest); the library's int8 rows kernel gives the float32 matmul of the

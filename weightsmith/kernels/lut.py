@@ -32,7 +32,7 @@ log = logging.getLogger("weightsmith")
 TILE = 64
 MAX_BLOCK = 64
 SRC = Path(__file__).parent / "csrc" / "lut_gemv.cpp"
-ABI_VERSION = 12
+ABI_VERSION = 13
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fopenmp"]
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
 
@@ -365,8 +365,9 @@ def _open(path: Path):
     lib.ws_lut_gemm_planes.argtypes = [vp] * 7 + [i64] * 6 + [ci] * 4
     lib.ws_lut_gemm_planes.restype = ci
     lib.ws_lut_tables.argtypes = [vp, vp, i64, i64, i64, ci, ci, vp, vp, vp]
-    lib.ws_i8_gemm.argtypes = [vp] * 5 + [i64] * 3 + [ci] * 2
+    lib.ws_i8_gemm.argtypes = [vp] * 5 + [i64] * 3 + [ci] * 3
     lib.ws_i8_gemm.restype = ci
+    lib.ws_i8_vnni.restype = ci
     lib.ws_lean_step.argtypes = [vp, i64, vp, vp, vp] + [i64] * 7 + [ctypes.c_float] * 2 + [ci] * 2
     lib.ws_lean_step.restype = ci
     lib.ws_lut_tables.restype = None
@@ -509,10 +510,14 @@ def lut_gemm(p: PackedLayer, x: torch.Tensor, bias: torch.Tensor | None = None, 
 
 
 def i8_gemm(qweight: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None, threads: int = 1,
-            isa: int = -1) -> torch.Tensor:
+            isa: int = -1, act8: bool = False) -> torch.Tensor:
     """``x`` (M, in) float32 times int8 rows ``qweight`` (out, in) with one float32 ``scale`` per row
     (+ ``bias``) → (M, out) float32: the weights widened to float in registers (weight-only; the
-    float32 matmul of ``qweight * scale`` up to summation order). ``isa``: -1 best, 1 AVX2, 2 AVX-512."""
+    float32 matmul of ``qweight * scale`` up to summation order). ``isa``: -1 best, 1 AVX2, 2 AVX-512.
+    ``act8``: for one token (M = 1) on a CPU with AVX-512 VNNI (:func:`i8_vnni`), the activations
+    rounded twice to int8 (value and residual, ``|x − x̂| ≤ absmax(x) / 64516``) and each row's dot
+    product done in integers by ``vpdpbusd`` — compute no longer bounds it, the int8 bytes do;
+    elsewhere (more tokens, no VNNI, a non-finite ``x``, ``in`` > 32768) the weight-only path."""
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"the kernel library is unavailable: {_LIB_REASON}")
@@ -525,7 +530,13 @@ def i8_gemm(qweight: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, bias: t
     b = bias.to(torch.float32).contiguous() if bias is not None else None
     y = torch.empty(x.shape[0], N, dtype=torch.float32)
     rc = lib.ws_i8_gemm(qweight.data_ptr(), scale.data_ptr(), b.data_ptr() if b is not None else None, x.data_ptr(), y.data_ptr(),
-                        x.shape[0], N, K, int(threads), int(isa))
-    if rc != 0:
+                        x.shape[0], N, K, int(threads), int(isa), int(bool(act8)))
+    if rc < 0:
         raise RuntimeError(f"ws_i8_gemm failed ({'bad arguments' if rc == -1 else 'instruction set not supported by this CPU'})")
     return y
+
+
+def i8_vnni() -> bool:
+    """Whether :func:`i8_gemm`'s ``act8`` path (AVX-512 VNNI integer dot products) runs on this CPU."""
+    lib = load_library()
+    return bool(lib is not None and lib.ws_i8_vnni())

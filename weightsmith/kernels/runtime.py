@@ -102,8 +102,10 @@ class Int8Head(nn.Module):
     """The output head rounded to int8, one float32 scale per output row (symmetric, ``absmax / 127``,
     round to nearest) — a copy: a tied input embedding keeps its float32 weight. ``use_kernel``: the
     matmul is the kernel library's int8 rows kernel (``lut.i8_gemm``: a quarter of a float32 head's
-    bytes read per token, the int8 weights widened to float in registers; torch's own
-    ``_weight_int8pack_mm`` was slower than a bfloat16 head on Zen 4, bench/results/kernel_avx512_smollm2_int8.md);
+    bytes read per token; for one token on an AVX-512 VNNI CPU the activations rounded to int8 twice,
+    value and residual, and the dot products done in integers, else the int8 weights widened to float
+    in registers; torch's own ``_weight_int8pack_mm`` was slower than a bfloat16 head on Zen 4,
+    bench/results/kernel_avx512_smollm2_int8.md);
     otherwise, or where the library is unavailable, the float32 matmul of the rounded weight (the
     dequantized path's reference, the same outputs within float rounding)."""
 
@@ -134,7 +136,7 @@ class Int8Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         if self.use_kernel and x2.device.type == "cpu":
-            y = lut.i8_gemm(self.qweight, self.scale, x2, threads=_threads())
+            y = lut.i8_gemm(self.qweight, self.scale, x2, threads=_threads(), act8=True)
         else:  # the dequantized path: the rounded weight in float32, made once
             if self._dense is None:
                 self._dense = self.dequantized_weight()
