@@ -23,9 +23,13 @@ far*:
   ``M`` so no group straddles a block).
 
 **Joint mode** (``quantize=true``, the paper's joint sparsification and quantization): the same
-pass also rounds every kept weight onto the layer group's grid, with static group scales computed
-up front from the weights the step receives (RTN's ``grouped_params``, shared through
-``ctx.rtn``); the OBS update then carries both the pruning and the rounding error. Natural column
+pass also rounds every kept weight onto the layer group's grid; the OBS update then carries both
+the pruning and the rounding error. A group's scale and zero are found at its first column
+(``joint_params=dynamic``, the default), as GPTQ finds them, from the group's weights as compensated
+so far and only those the mask keeps (the block's mask where it is chosen; for N:M windows not yet
+chosen, the keep set today's scores would give) — the compensated kept weights grow past the
+original range, which static scales clip. ``joint_params=static``: the scales computed up front
+from the weights the step receives (RTN's ``grouped_params``, shared through ``ctx.rtn``). Natural column
 order throughout (no act-order: N:M groups need consecutive columns). The step then records a
 ``Sparsity`` and a ``Grid`` encoding, so ``sparsegpt:quantize=true`` alone is a full recipe (and a
 quantizer after it is refused: the weights already lie on the grid).
@@ -58,6 +62,9 @@ class SparseGPTConfig(PruneFields):
     block_size: int = Field(128, ge=1, description="columns per lazy update block (and per unstructured mask selection)")
     damp: float = Field(0.01, gt=0.0, le=1.0, description="initial damping, a fraction of mean(diag H) (escalates x10 on failure)")
     quantize: bool = Field(False, description="joint mode: also round every kept weight onto the grid in the same pass")
+    joint_params: Literal["dynamic", "static"] = Field(
+        "dynamic", description="joint mode's group scales: dynamic = at each group's first column from its kept, compensated "
+                               "weights (as GPTQ); static = RTN's, from the weights before pruning")
 
 
 @dataclass
@@ -74,11 +81,12 @@ def _prune_count(i1: int, i2: int, sparsity: float) -> int:
 
 def sparsegpt(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, pattern: str = "unstructured", block_size: int = 128,
               damp: float = 0.01, grid: GridConfig | None = None, base: QuantResult | None = None,
-              keep: torch.Tensor | None = None) -> SparseGPTResult:
+              keep: torch.Tensor | None = None, joint_params: str = "dynamic") -> SparseGPTResult:
     """Prune ``w`` (rows, cols) given ``h`` (cols, cols) by SparseGPT (module docstring).
 
-    ``grid`` turns on joint mode; ``base`` (RTN of ``w`` on ``grid``) then supplies the static group
-    parameters (else they are computed from ``w``). ``keep`` (rows, cols) bool is an earlier mask
+    ``grid`` turns on joint mode; ``joint_params`` "dynamic" finds each group's parameters at its
+    first column from its kept, compensated weights, "static" uses ``base`` (RTN of ``w`` on
+    ``grid``; else computed from ``w``) for every group. ``keep`` (rows, cols) bool is an earlier mask
     whose zeros stay zero."""
     W = w.float().clone()
     rows, cols = W.shape
@@ -98,6 +106,10 @@ def sparsegpt(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, patter
         scale, zero, g_idx = (base.scale, base.zero, base.g_idx) if base is not None else G.grouped_params(W, grid)
         col_group = g_idx.long().tolist()
         scale_t, zero_t = scale.t().contiguous(), zero.t().contiguous()  # (n_groups, rows): contiguous per group
+        if joint_params not in ("dynamic", "static"):
+            raise WeightsmithError(f"joint_params must be dynamic or static, not {joint_params!r}")
+        gs = cols if grid.group_size == -1 else grid.group_size
+        dynamic = joint_params == "dynamic"
     U, lam = inverse_cholesky(H, damp)
     info = {"damp": lam, "damp_escalated": lam is not None and lam > damp * (1 + 1e-9), "dead_columns": n_dead}
     if U is None:
@@ -142,6 +154,8 @@ def sparsegpt(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, patter
                     score[Ft[j : j + m]] = -1.0
                 idx = torch.argsort(score, dim=0, descending=True, stable=True)[:n_keep]
                 M1[i : i + m] = torch.zeros_like(score, dtype=torch.bool).scatter_(0, idx, True)
+            if grid is not None and dynamic and j % gs == 0:
+                scale_t[col_group[j]], zero_t[col_group[j]] = _group_params(W1, M1, Wt, i, i1, i2, j, gs, cols, p, dU, Ft, grid)
             col = W1[i]
             if grid is not None:
                 Lt[j] = col
@@ -162,8 +176,32 @@ def sparsegpt(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, patter
         mask &= ~forced
         Q = Q * mask
     info["density"] = float(mask.float().mean())
+    if grid is not None:
+        scale, zero = scale_t.t().contiguous(), zero_t.t().contiguous()
     quant = QuantResult(Q, scale, zero, g_idx, dict(info), latent=L) if grid is not None else None
     return SparseGPTResult(Q, mask, info, quant)
+
+
+def _group_params(W1, M1, Wt, i, i1, i2, j, gs, cols, p, dU, Ft, grid):
+    """Scale and zero (rows,) of the group starting at column ``j`` (block-local ``i``): its columns as
+    compensated so far, the pruned ones zeroed — the block's mask where chosen; N:M windows not chosen
+    yet get the keep set the current scores give (the same rule as the pass, a provisional choice)."""
+    end = min(j + gs, cols)
+    part = torch.cat([W1[i:], Wt[i2:end]], 0)[: end - j].clone()  # (group cols, rows)
+    keep = torch.cat([M1[i:], torch.ones(max(0, end - i2), part.shape[1], dtype=torch.bool, device=part.device)], 0)[: end - j].clone()
+    if p is not None:
+        n_keep, m = p
+        for a in range(0, end - j, m):
+            b = min(a + m, end - j)
+            score = part[a:b].square() / dU[j + a : j + b].square()[:, None]
+            if Ft is not None:
+                score[Ft[j + a : j + b]] = -1.0
+            idx = torch.argsort(score, dim=0, descending=True, stable=True)[:n_keep]
+            keep[a:b] = torch.zeros_like(score, dtype=torch.bool).scatter_(0, idx, True)
+    elif Ft is not None:
+        keep &= ~Ft[j:end]
+    s, z = G.find_params((part * keep).t(), grid)
+    return s[:, 0], z[:, 0]
 
 
 def prune(state, cfg: SparseGPTConfig, ctx) -> None:
@@ -172,7 +210,8 @@ def prune(state, cfg: SparseGPTConfig, ctx) -> None:
         raise WeightsmithError("sparsegpt needs the calibration inputs' H = XᵀX/N")
     base = ctx.rtn(state.W, state.grid) if cfg.quantize else None
     res = sparsegpt(state.W, state.H.to(state.W.device), sparsity=cfg.sparsity, pattern=cfg.pattern, block_size=cfg.block_size,
-                    damp=cfg.damp, grid=state.grid if cfg.quantize else None, base=base, keep=state.mask)
+                    damp=cfg.damp, grid=state.grid if cfg.quantize else None, base=base, keep=state.mask,
+                    joint_params=cfg.joint_params)
     state.add(Sparsity(res.mask, cfg.pattern), res.weight, res.info)
     if res.quant is not None:
         state.set_grid(res.quant)
