@@ -253,7 +253,10 @@ def main() -> None:
             pending[name] = {"recipe": recipe, "grid": grid, "config": rep["config"], "dir": str(out), "quantize_s": rep["wall_time_s"],
                              "peak_rss_mb": rep["peak_rss_mb"], "mean_layer_error": s.get("mean_error"), "mean_rtn_layer_error": s.get("mean_rtn_error"),
                              "bits_per_weight": rep.get("bits_per_weight", s.get("bits_per_weight", nominal_bpw(g))),
-                             **({"plan": {k: v for k, v in rep["plan"].items() if k not in ("groups", "blocks")}} if "plan" in rep else {}),
+                             **({"plan": {**{k: v for k, v in rep["plan"].items() if k not in ("groups", "blocks")},
+                                          # each group's layers and setting: enough for bench/plot_plan.py once the run dir is gone
+                                          "groups": [{k: g[k] for k in ("layers", "bits", "group_size") if k in g} for g in rep["plan"].get("groups", [])]}}
+                                if "plan" in rep else {}),
                              **({"density": s["sparsity"]["density"], "nm": s["sparsity"]["nm"]} if any("density" in x for x in rep["layers"]) and "sparsity" in s else {}),
                              "date": time.strftime("%Y-%m-%d")}
             floats = [r["float_error"] for r in rep["layers"] if "float_error" in r]

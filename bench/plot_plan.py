@@ -1,8 +1,10 @@
 """Picture of a planner's per-layer plan: bits (and group size) of every layer group, block by block.
 
-    MPLBACKEND=Agg .venv/bin/python bench/plot_plan.py REPORT_JSON OUT_PNG
+    MPLBACKEND=Agg .venv/bin/python bench/plot_plan.py REPORT_JSON OUT_PNG [RUN]
 
-Reads the ``plan`` of a ``weightsmith quantize --target-bpw`` report (``report.json``).
+Reads the ``plan`` of a ``weightsmith quantize --target-bpw`` report (``report.json``), or with RUN
+(``recipe@grid``) that run's plan in a bench results file (bench/results/NAME.json; runs since
+bench_methods kept the plan's groups).
 """
 from __future__ import annotations
 
@@ -23,13 +25,15 @@ def plan_rows(report: dict) -> list[tuple[int, str, int, int]]:
     return out
 
 
-def plot(report_path: Path, out: Path) -> Path:
+def plot(report_path: Path, out: Path, run: str | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rep = json.loads(Path(report_path).read_text())
+    if run is not None:
+        rep = rep["runs"][run]
     rows = plan_rows(rep)
     labels = sorted({r[1] for r in rows}, key=lambda l: [r[1] for r in rows].index(l))
     blocks = sorted({r[0] for r in rows})
@@ -57,4 +61,4 @@ def plot(report_path: Path, out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(plot(Path(sys.argv[1]), Path(sys.argv[2])))
+    print(plot(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None))
