@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, RESULTS  # noqa: E402
+from common import CACHE, RESULTS, write_results  # noqa: E402
 
 
 def compare_dirs(a: Path, b: Path, rename: dict[str, str] | None = None) -> dict:
@@ -78,15 +78,13 @@ def main() -> None:
         c = compare_dirs(d1, d2, rename)
         rows[name] = {**c, **{f"{k}_{t}": r[name].get(k) for t, r in (("first", r1), ("second", r2)) for k in ("perplexity", "kl", "quantize_s")}}
         print(name, f"{c['equal']}/{c['tensors']}", file=sys.stderr)
-    (RESULTS / f"{a.out}.json").write_text(json.dumps({"first": a.first, "second": a.second, "cache": str(CACHE), "rename": rename,
-                                                        "runs": rows}, indent=2))
     lines = [f"# {a.first} vs {a.second}: tensor by tensor", "", a.note, "",
              f"| run | tensors equal | perplexity {a.first} / {a.second} | KL {a.first} / {a.second} | differing (first 5) |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         eqs = f"{r['equal']}/{r['tensors']}" + (f" ({r['renamed']} renamed)" if r["renamed"] else "")
         lines.append(f"| {name} | {eqs} | {r['perplexity_first']:.4f} / {r['perplexity_second']:.4f} | "
                      f"{r['kl_first']:.5f} / {r['kl_second']:.5f} | {', '.join(r['differ']) or '—'} |")
-    (RESULTS / f"{a.out}.md").write_text("\n".join(lines) + "\n")
+    write_results(a.out, {"first": a.first, "second": a.second, "cache": str(CACHE), "rename": rename, "runs": rows}, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
