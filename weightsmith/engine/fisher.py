@@ -201,13 +201,16 @@ def _finite(out: dict, what: str) -> None:
 def output_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], chunk: int = 2, progress: bool = True,
                   labels: str = "data") -> dict[str, torch.Tensor]:
     """``{layer: f}`` with ``f`` (out_features,) float32 the summed squared gradient of the loss at each output
-    (``labels``: the text's next tokens, or draws from the model — see :func:`gradient_pass`)."""
+    (``labels``: the text's next tokens, or draws from the model — see :func:`gradient_pass`; ``auto``: draws
+    for a causal LM, the data labels for an encoder)."""
     _check_loss(lm, "the output-Fisher objective (bitalloc's default; --bitalloc-objective relative needs no gradients)")
     acc: dict[str, torch.Tensor] = {}
 
     def consume(name, _x, dy):
         _accumulate(acc, name, dy.double().pow(2).reshape(-1, dy.shape[-1]).sum(0).cpu())
 
+    if labels == "auto":  # the true Fisher where the model's own predictions can be sampled, else the data labels
+        labels = "model" if model_kind_of(lm) == "causal" else "data"
     if labels == "model" and model_kind_of(lm) != "causal":
         raise WeightsmithError("the model-sampled Fisher (fisher_labels: model) is for causal LMs; encoders use the masked-LM loss's data labels")
     tokens = gradient_pass(lm, ids, layer_names, consume, chunk, progress, desc="output Fisher", labels=labels)

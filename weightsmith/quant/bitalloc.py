@@ -45,10 +45,10 @@ class BitAllocConfig(Strict):
         "fisher", description="summed relative layer output errors; absolute tr(E H Eᵀ); or fisher: Σ_i f_i (E H Eᵀ)_ii, each output "
         "weighted by the float model's mean squared loss gradient there (an estimate of the loss increase; one extra forward+backward)")
     fisher_samples: int = Field(16, ge=1, description="objective fisher: calibration windows of the forward+backward that measures f")
-    fisher_labels: Literal["data", "model"] = Field(
-        "data", description="objective fisher: the loss differentiated is the next-token loss on the text's tokens (data: the "
+    fisher_labels: Literal["auto", "data", "model"] = Field(
+        "auto", description="objective fisher: the loss differentiated is the next-token loss on the text's tokens (data: the "
         "empirical Fisher) or on tokens drawn from the float model's own predictions (model: the true Fisher, the curvature of the KL "
-        "to the float model's outputs; causal LMs)")
+        "to the float model's outputs; causal LMs); auto: model for causal LMs, data (the masked-LM loss) for encoders")
     measure_clip_search: bool = Field(False, description="run the grid's clip search in the measurements too (its cost dominates the first "
                                       "pass: ~10x; the applied plan uses the recipe's own setting either way)")
     resolution: int = Field(4000, ge=100, le=100000, description="budget steps of the knapsack")
