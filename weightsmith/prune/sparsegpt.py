@@ -149,13 +149,9 @@ def sparsegpt(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, patter
         for i in range(i2 - i1):
             j = i1 + i
             if p is not None and j % m == 0:
-                score = W1[i : i + m].square() / dU[j : j + m].square()[:, None]
-                if Ft is not None:
-                    score[Ft[j : j + m]] = -1.0
-                idx = torch.argsort(score, dim=0, descending=True, stable=True)[:n_keep]
-                M1[i : i + m] = torch.zeros_like(score, dtype=torch.bool).scatter_(0, idx, True)
+                M1[i : i + m] = _nm_keep(W1[i : i + m], dU[j : j + m], None if Ft is None else Ft[j : j + m], n_keep)
             if grid is not None and dynamic and j % gs == 0:
-                scale_t[col_group[j]], zero_t[col_group[j]] = _group_params(W1, M1, Wt, i, i1, i2, j, gs, cols, p, dU, Ft, grid)
+                scale_t[col_group[j]], zero_t[col_group[j]] = _group_params(W1, M1, Wt, i, i2, j, gs, cols, p, dU, Ft, grid)
             col = W1[i]
             if grid is not None:
                 Lt[j] = col
@@ -182,22 +178,28 @@ def sparsegpt(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, patter
     return SparseGPTResult(Q, mask, info, quant)
 
 
-def _group_params(W1, M1, Wt, i, i1, i2, j, gs, cols, p, dU, Ft, grid):
+def _nm_keep(w: torch.Tensor, du: torch.Tensor, forced: torch.Tensor | None, n_keep: int) -> torch.Tensor:
+    """The keep mask (m, rows) of one N:M window of columns ``w`` (m, rows): the ``n_keep`` highest OBS
+    saliencies w²/[H⁻¹]jj² per row, earlier-pruned weights (``forced``) last."""
+    score = w.square() / du.square()[:, None]
+    if forced is not None:
+        score[forced] = -1.0
+    idx = torch.argsort(score, dim=0, descending=True, stable=True)[:n_keep]
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(0, idx, True)
+
+
+def _group_params(W1, M1, Wt, i, i2, j, gs, cols, p, dU, Ft, grid):
     """Scale and zero (rows,) of the group starting at column ``j`` (block-local ``i``): its columns as
     compensated so far, the pruned ones zeroed — the block's mask where chosen; N:M windows not chosen
     yet get the keep set the current scores give (the same rule as the pass, a provisional choice)."""
     end = min(j + gs, cols)
-    part = torch.cat([W1[i:], Wt[i2:end]], 0)[: end - j].clone()  # (group cols, rows)
-    keep = torch.cat([M1[i:], torch.ones(max(0, end - i2), part.shape[1], dtype=torch.bool, device=part.device)], 0)[: end - j].clone()
+    part = torch.cat([W1[i:], Wt[i2:end]], 0)[: end - j]  # (group cols, rows), a new tensor
+    keep = torch.cat([M1[i:], torch.ones(max(0, end - i2), part.shape[1], dtype=torch.bool, device=part.device)], 0)[: end - j]
     if p is not None:
         n_keep, m = p
         for a in range(0, end - j, m):
             b = min(a + m, end - j)
-            score = part[a:b].square() / dU[j + a : j + b].square()[:, None]
-            if Ft is not None:
-                score[Ft[j + a : j + b]] = -1.0
-            idx = torch.argsort(score, dim=0, descending=True, stable=True)[:n_keep]
-            keep[a:b] = torch.zeros_like(score, dtype=torch.bool).scatter_(0, idx, True)
+            keep[a:b] = _nm_keep(part[a:b], dU[j + a : j + b], None if Ft is None else Ft[j + a : j + b], n_keep)
     elif Ft is not None:
         keep &= ~Ft[j:end]
     s, z = G.find_params((part * keep).t(), grid)
