@@ -270,7 +270,10 @@ def table(results: list[dict], meta: dict) -> str:
              f"{meta.get('note', '')}", "",
              "Two runtimes around the same layers: transformers (the model's own forward) and the lean loop "
              "(weightsmith/kernels/lean.py: torch ops per layer on the dequantized path, one library call per decoded token on the kernel). "
-             "× = speed over the dequantized path of the same runtime.", "",
+             "× = speed over the dequantized path of the same runtime. "
+             "p1 / p2: one or two int8 passes (tables on the bit planes; activations on the DOT4 layout).", "",
+             "Kernel layouts: " + "; ".join(f"{r['model']} " + ", ".join(f"{n} {k}" for k, n in sorted(r.get("kernel_layouts", {}).items()))
+                                            for r in results) + " (dot4: 4-bit nibbles on AVX-512 VNNI dot products; planes: table lookups).", "",
              "| model | bpw ours / llama.cpp | threads | dequant f32 tok/s | kernel p1 tok/s (×) | kernel p2 tok/s (×) | lean dequant tok/s | lean kernel p1 tok/s (×) | lean kernel p2 tok/s (×) | llama.cpp tok/s (type) | best kernel / llama.cpp | prompt tok/s dequant / p2 / lean p2 / llama.cpp |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     floors: list[str] = []

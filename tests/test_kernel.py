@@ -98,6 +98,85 @@ def test_native_tables_bit_exact(case, passes, isa):
     assert torch.allclose(nasum.double(), asum[0], rtol=1e-5, atol=1e-6)
 
 
+def _dot_layer(N, K, gs, act_order, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gsz = K if gs == -1 else gs
+    gi = torch.arange(K) // gsz
+    ng = int(gi.max()) + 1
+    if act_order:
+        gi = gi[torch.randperm(K, generator=g)]
+    q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32)
+    scale = (torch.rand(N, ng, generator=g) * 0.05 + 0.005).half().float()
+    zero = torch.randint(0, 16, (N, ng), generator=g, dtype=torch.int32)
+    w = scale[:, gi] * (q.float() - zero[:, gi].float())
+    return lut.pack(q, scale, zero, gi.int(), 4, layout=lut.DOT4), w
+
+
+DOT = LIB is not None and bool(LIB.ws_lut_dot_supported())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dot4_pack_roundtrip_and_emulation_bound(case):
+    """The 4-bit nibble layout (VNNI dot products): the codes read back exactly; what the kernel
+    computes (int8 activations per group, exact integer dot products) is within the activations'
+    rounding bound of the exact matmul, and the residual pass makes that bound ~254× smaller."""
+    N, K, gs, act = case
+    p, w = _dot_layer(N, K, gs, act, seed=N)
+    assert p.layout == lut.DOT4 and p.group % 8 == 0
+    assert torch.allclose(lut.unpack(p), w, atol=1e-6, rtol=0)
+    assert p.w.numel() == p.tiles * lut.TILE * p.kp // 2  # the bytes of the bit planes: half a byte per code
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(7))
+    exact = x.double() @ w.double().T
+    for passes in (1, 2):
+        em = lut.emulate(p, x, passes)
+        assert ((em - exact).abs() <= lut.error_bound(p, x, passes) * (1 + 1e-5) + 1e-6).all()
+        assert ((em - exact).abs() > 0).any()  # the activations are rounded: not the float matmul
+    assert float(lut.error_bound(p, x, 2).max()) < float(lut.error_bound(p, x, 1).max()) / 200
+
+
+@pytest.mark.skipif(not DOT, reason="needs the kernel on an AVX-512 VNNI CPU")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("passes", [1, 2])
+def test_dot4_kernel_matches_emulation_and_dequant(case, passes):
+    N, K, gs, act = case
+    p, w = _dot_layer(N, K, gs, act, seed=20 + N)
+    bias = torch.randn(N)
+    for M in (1, 2, 3, 7):  # 7 = 4 + 2 + 1 tokens per tile call
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+        em = lut.emulate(p, x, passes) + bias.double()
+        exact = x.double() @ w.double().T + bias.double()
+        mag = x.double().abs() @ w.double().abs().T + bias.double().abs()
+        for threads in (1, 2):
+            y = lut.lut_gemm(p, x, bias, threads=threads, passes=passes).double()
+            assert ((y - em).abs() <= 2e-6 * mag + 1e-6).all(), (y - em).abs().max()
+            assert ((y - exact).abs() <= lut.error_bound(p, x, passes) * (1 + 1e-5) + 2e-6 * mag + 1e-6).all()
+    with pytest.raises(RuntimeError):  # no AVX2 path for this layout: refused, not computed wrongly
+        lut.lut_gemm(p, torch.randn(1, K), isa=1)
+
+
+@pytest.mark.skipif(not DOT, reason="needs the kernel on an AVX-512 VNNI CPU")
+def test_dot4_edge_inputs():
+    p, w = _dot_layer(70, 128, 32, True)
+    x = torch.zeros(3, 128)
+    x[1, 5] = 3.0  # one non-zero activation: exact (it is its group's absmax, code ±127)
+    x[2, 7] = float("nan")  # a non-finite token: NaN outputs for it, the others untouched
+    y = lut.lut_gemm(p, x, threads=2)
+    assert torch.equal(y[0], torch.zeros(70))
+    assert torch.allclose(y[1], 3.0 * w[:, 5], rtol=1e-5, atol=1e-6)
+    assert torch.isnan(y[2]).all()
+    assert lut.lut_gemm(p, torch.zeros(0, 128)).shape == (0, 70)
+
+
+def test_layout_choice(monkeypatch):
+    assert lut.preferred_layout(3) == lut.PLANES and lut.preferred_layout(2) == lut.PLANES
+    assert lut.preferred_layout(4) == (lut.DOT4 if DOT else lut.PLANES)
+    monkeypatch.setenv("WEIGHTSMITH_LUT_LAYOUT", "planes")
+    assert lut.preferred_layout(4) == lut.PLANES
+    q = torch.zeros(4, 16, dtype=torch.int32)
+    with pytest.raises(ValueError, match="DOT4 is for 4 bits"):
+        lut.pack(q, torch.ones(4, 1), torch.zeros(4, 1), torch.zeros(16, dtype=torch.int32), 3, layout=lut.DOT4)
+
+
 @needs_kernel
 def test_kernel_edge_inputs():
     p, w = _layer(70, 128, 4, 32, True)
@@ -396,8 +475,37 @@ def test_int8_rows_kernel_with_int8_activations_on_vnni():
         x3 = torch.randn(3, K, generator=g)
         assert torch.equal(lut.i8_gemm(q, sc, x3, act8=True), lut.i8_gemm(q, sc, x3, act8=False))
         xn = x.clone()
-        xn[0, 0] = float("inf")
-        assert torch.allclose(lut.i8_gemm(q, sc, xn, act8=True), lut.i8_gemm(q, sc, xn, act8=False), equal_nan=True)
+        for bad in (float("inf"), float("nan")):  # a NaN fails every comparison of the absmax: checked on its own
+            xn[0, 0] = bad
+            assert torch.allclose(lut.i8_gemm(q, sc, xn, act8=True), lut.i8_gemm(q, sc, xn, act8=False), equal_nan=True)
+
+
+@pytest.mark.skipif(not (lut.available() and lut.i8_vnni()), reason="needs AVX-512 VNNI")
+def test_int8_rows_in_vnni_tiles():
+    """lut.i8_gemm_tiles (the int8 head on a VNNI CPU): the tiles read back to the rows; every token
+    count (4 + 2 + 1 per call), 1 and 2 threads, odd shapes, within the bound of the two-step int8
+    rounding of the activations (|x − x̂| ≤ absmax/64516) of the float matmul; a non-finite token gets
+    NaN and leaves the others as they were."""
+    g = torch.Generator().manual_seed(5)
+    for N, K in ((70, 130), (64, 576), (200, 33)):
+        q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+        sc = torch.rand(N, generator=g) * 0.01 + 1e-3
+        bias = torch.randn(N, generator=g)
+        t = lut.i8_pack_tiles(q)
+        assert torch.equal(lut.i8_unpack_tiles(t, N, K), q)
+        w = q.double() * sc.double()[:, None]
+        for M in (1, 2, 3, 7):
+            x = torch.randn(M, K, generator=g)
+            ref = x.double() @ w.T + bias.double()
+            bound = (x.abs().amax(1, keepdim=True).double() / 64516) @ w.abs().sum(1)[None] * 0.5 * 2 + 1e-6 * (x.double().abs() @ w.abs().T) + 1e-6
+            for threads in (1, 2):
+                got = lut.i8_gemm_tiles(t, sc, x, N, bias, threads=threads).double()
+                assert ((got - ref).abs() <= bound).all(), float((got - ref).abs().max())
+        x[1, 3] = float("nan")
+        got = lut.i8_gemm_tiles(t, sc, x, N, bias)
+        assert torch.isnan(got[1]).all() and torch.isfinite(got[[0, 2, 3, 4, 5, 6]]).all()
+    with pytest.raises(ValueError):
+        lut.i8_gemm_tiles(t, sc, torch.randn(1, 40), N)  # tiles for 33 columns
 
 
 def test_int8_head_rounds_each_row_and_runs_on_the_int8_rows_kernel(quantized, capsys):
@@ -407,7 +515,9 @@ def test_int8_head_rounds_each_row_and_runs_on_the_int8_rows_kernel(quantized, c
     from weightsmith.kernels.runtime import Int8Head
 
     model, w, emb, ids, ref, head = _swapped_head(quantized["w4g32"], "int8", 2)
-    assert isinstance(head, Int8Head) and head.qweight.dtype == torch.int8 and head.packed_nbytes() == w.numel() + 4 * w.shape[0]
+    assert isinstance(head, Int8Head) and head.qweight.dtype == torch.int8
+    tile_bytes = lut.i8_pack_tiles(head.qweight).numel() if lut.i8_vnni() else w.numel()  # VNNI: rows padded to 64, columns to 4
+    assert head.packed_nbytes() in (w.numel() + 4 * w.shape[0], tile_bytes + 4 * w.shape[0])
     scale = w.abs().amax(1) / 127
     assert torch.equal(head.qweight, torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
     assert (head.dequantized_weight() - w).abs().max() <= 0.5 * scale.max() * (1 + 1e-5)
@@ -426,7 +536,7 @@ def test_int8_head_rounds_each_row_and_runs_on_the_int8_rows_kernel(quantized, c
     assert main(["bench-kernel", str(quantized["w4g32"]), "--threads", "1", "--prompt-tokens", "8", "--new-tokens", "3",
                  "--head-dtype", "int8", "-q"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["head_dtype"] == "int8" and res["head_packed_bytes"] == w.numel() + 4 * w.shape[0]
+    assert res["head_dtype"] == "int8" and res["head_packed_bytes"] in (w.numel() + 4 * w.shape[0], tile_bytes + 4 * w.shape[0])
 
 
 def test_cli_refuses_unquantized_dir(tmp_path, capsys):

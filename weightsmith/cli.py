@@ -631,11 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=64)
     r.add_argument("--threads", type=int, default=None, help="threads of the kernel and of torch (default: torch's)")
     r.add_argument("--table-passes", type=int, choices=(1, 2), default=None,
-                   help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
+                   help="1: int8 lookup tables (T-MAC, fastest) and, for 4-bit layers on VNNI, int8 activations; "
+                   "2 (default): plus an int8 residual pass (~15-bit tables / activations)")
     r.add_argument("--head-dtype", choices=HEAD_DTYPES, default=None,
                    help="the output head's weight type (default float32, as the checkpoint keeps it; bfloat16 halves what "
-                        "each decoded token reads; int8 rounds the head per row at load — a quarter of the bytes, torch's "
-                        "int8 rows kernel, outputs within ~0.1%% of the checkpoint's; int4 rounds it to 4 bits on the "
+                        "each decoded token reads; int8 rounds the head per row at load — a quarter of the bytes, the library's "
+                        "int8 kernel (VNNI tiles on an AVX-512 VNNI CPU), outputs within ~0.1%% of the checkpoint's; int4 rounds it to 4 bits on the "
                         "kernel at load — an eighth of the bytes, and outputs that differ from the checkpoint's)")
     r.add_argument("--runtime", choices=("auto", "lean", "transformers"), default="auto",
                    help="auto (default): the lean loop for Llama, Mistral and Qwen2 models (one library call per decoded "
@@ -654,7 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--prompt-tokens", type=int, default=64)
     bk.add_argument("--new-tokens", type=int, default=128)
     bk.add_argument("--table-passes", type=int, choices=(1, 2), default=None,
-                    help="1: int8 lookup tables (T-MAC, fastest); 2 (default): plus an int8 residual pass, ~15-bit tables")
+                    help="1: int8 lookup tables (T-MAC, fastest) and, for 4-bit layers on VNNI, int8 activations; "
+                        "2 (default): plus an int8 residual pass (~15-bit tables / activations)")
     bk.add_argument("--head-dtype", choices=HEAD_DTYPES, default=None,
                    help="the output head's weight type (default float32, as the checkpoint keeps it; bfloat16 halves what "
                         "each decoded token reads, on both paths; int8 (per row) and int4 (g32): rounded at load, multiplied "

@@ -67,7 +67,7 @@ def _fusable(mods: list[nn.Module]) -> bool:
     p0 = mods[0].packed
     for m in mods:
         p = m.packed
-        if (p.in_features, p.group, p.block, p.bits, p.planes) != (p0.in_features, p0.group, p0.block, p0.bits, p0.planes):
+        if (p.in_features, p.group, p.block, p.bits, p.planes, p.layout) != (p0.in_features, p0.group, p0.block, p0.bits, p0.planes, p0.layout):
             return False
         if not torch.equal(p.perm, p0.perm):
             return False
@@ -83,7 +83,7 @@ def fuse(mods: list[nn.Module]) -> nn.Module | None:
     cat = lambda ts: torch.cat(ts, 0).contiguous()  # noqa: E731
     packed = lut.PackedLayer(cat([p.w for p in ps]), cat([p.scale for p in ps]), p0.zero2 if p0.planes else cat([p.zero2 for p in ps]),
                              p0.perm, sum(p.out_features for p in ps), p0.in_features, p0.group, p0.block, p0.bits,
-                             zc=cat([p.zc for p in ps]) if p0.planes else None)
+                             zc=cat([p.zc for p in ps]) if p0.planes else None, layout=p0.layout)
     bias = None
     if any(m.bias is not None for m in mods):
         bias = torch.cat([m.bias.float() if m.bias is not None else torch.zeros(m.out_features) for m in mods])
@@ -119,7 +119,7 @@ def _joined(mods) -> nn.Module:
 class _Lin(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("z2", ctypes.c_void_p), ("zc", ctypes.c_void_p),
                 ("perm", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
-                ("Kp", ctypes.c_int64), ("G", ctypes.c_int64), ("S", ctypes.c_int64), ("bits", ctypes.c_int32), ("pad", ctypes.c_int32)]
+                ("Kp", ctypes.c_int64), ("G", ctypes.c_int64), ("S", ctypes.c_int64), ("bits", ctypes.c_int32), ("layout", ctypes.c_int32)]
 
 
 class _Layer(ctypes.Structure):
@@ -131,7 +131,7 @@ def _lin_struct(m: LutLinear) -> _Lin:
     p = m.packed
     b = m.bias
     return _Lin(p.w.data_ptr(), p.scale.data_ptr(), None if p.planes else p.zero2.data_ptr(), p.zc.data_ptr() if p.planes else None,
-                p.perm_ptr(), None if b is None else b.data_ptr(), p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, 0)
+                p.perm_ptr(), None if b is None else b.data_ptr(), p.out_features, p.in_features, p.kp, p.group, p.block, p.bits, p.layout)
 
 
 class LeanDecoder:

@@ -46,7 +46,7 @@ class LutLinear(nn.Module):
     def __init__(self, packed: lut.PackedLayer, bias: torch.Tensor | None = None, use_kernel: bool = True):
         super().__init__()
         self.in_features, self.out_features, self.bits = packed.in_features, packed.out_features, packed.bits
-        self.group, self.block = packed.group, packed.block
+        self.group, self.block, self.layout = packed.group, packed.block, packed.layout
         self.register_buffer("w_packed", packed.w, persistent=False)
         self.register_buffer("w_scale", packed.scale, persistent=False)
         self.register_buffer("w_zero2", packed.zero2, persistent=False)
@@ -77,8 +77,9 @@ class LutLinear(nn.Module):
 
     @classmethod
     def from_quant_layer(cls, layer, bias: torch.Tensor | None = None, **kw) -> "LutLinear":
-        """From a :class:`weightsmith.export.common.QuantLayer` (integer codes + qparams)."""
-        return cls(lut.pack(layer.q, layer.scale, layer.zero, layer.g_idx, layer.bits), bias, **kw)
+        """From a :class:`weightsmith.export.common.QuantLayer` (integer codes + qparams), in the layout
+        this CPU runs fastest (:func:`weightsmith.kernels.lut.preferred_layout`)."""
+        return cls(lut.pack(layer.q, layer.scale, layer.zero, layer.g_idx, layer.bits, layout=lut.preferred_layout(layer.bits)), bias, **kw)
 
     @classmethod
     def from_planes(cls, q: torch.Tensor, plane_scale: torch.Tensor, offset: torch.Tensor, group_size: int, bits: int,
@@ -89,7 +90,7 @@ class LutLinear(nn.Module):
     @property
     def packed(self) -> lut.PackedLayer:
         return lut.PackedLayer(self.w_packed, self.w_scale, self.w_zero2, self.perm, self.out_features, self.in_features,
-                               self.group, self.block, self.bits, zc=self.w_zc)
+                               self.group, self.block, self.bits, zc=self.w_zc, layout=self.layout)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight (out, in), unpacked from the kernel layout."""
@@ -134,4 +135,5 @@ class LutLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group={self.group}, bias={self.bias is not None}, kernel={'on' if self.kernel_active() else 'off'}")
+                f"group={self.group}, bias={self.bias is not None}, kernel={'on' if self.kernel_active() else 'off'}"
+                + (", layout=dot4" if self.layout == lut.DOT4 else ""))

@@ -32,9 +32,11 @@ log = logging.getLogger("weightsmith")
 TILE = 64
 MAX_BLOCK = 64
 SRC = Path(__file__).parent / "csrc" / "lut_gemv.cpp"
-ABI_VERSION = 13
+ABI_VERSION = 14
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fopenmp"]
 ISA_NAMES = {0: "none", 1: "avx2", 2: "avx512bw"}
+PLANES, DOT4 = 0, 1  # packed layouts: bit planes (table lookups), 4-bit nibbles (AVX-512 VNNI dot products)
+LAYOUT_NAMES = {PLANES: "bit planes (table lookups)", DOT4: "4-bit nibbles (VNNI dot products)"}
 
 
 # ----------------------------------------------------------------------------------- packing
@@ -54,6 +56,9 @@ class PackedLayer:
     # HLQ layers (pack_planes): ``scale`` is float16 [tiles][groups][bits][64], one scale per bit plane,
     # ``zero2`` is empty and ``zc`` float32 [tiles][groups][64] = offset + sum_i scale_i / 2
     zc: torch.Tensor | None = None
+    # PLANES: ``w`` as above; DOT4 (4-bit uniform grids): uint8 [tiles][Kp/8 chunks][4 row blocks][64],
+    # byte 4i + j of a row block = code (row 16 rb + i, column 8c + j) | code (…, 8c + 4 + j) << 4
+    layout: int = PLANES
 
     @property
     def planes(self) -> bool:
@@ -124,14 +129,17 @@ def _block_size(G: int, limit: int = MAX_BLOCK) -> int:
     return max(s for s in range(4, min(limit, MAX_BLOCK) + 1, 4) if G % s == 0)
 
 
-def _pack_codes(q: torch.Tensor, g_idx: torch.Tensor, bits: int, ng: int, max_block: int | None):
-    """The codes in the kernel's bit-plane layout: ``(w, perm, G, S, tiles)``."""
+def _pack_codes(q: torch.Tensor, g_idx: torch.Tensor, bits: int, ng: int, max_block: int | None, layout: int = PLANES):
+    """The codes in the kernel's layout (bit planes, or DOT4's nibbles): ``(w, perm, G, S, tiles)``."""
     if not 1 <= bits <= 4:
         raise ValueError(f"the lookup-table kernel handles 1 to 4 bits, not {bits}")
+    if layout not in (PLANES, DOT4) or (layout == DOT4 and bits != 4):
+        raise ValueError(f"layout {layout} does not hold {bits}-bit codes (DOT4 is for 4 bits)")
     N, K = q.shape
     gi = g_idx.long()
     counts = torch.bincount(gi, minlength=ng)
-    G = max(4, (int(counts.max()) + 3) // 4 * 4) if K else 4
+    step = 8 if layout == DOT4 else 4  # DOT4: whole chunks of 8 columns per group
+    G = max(step, (int(counts.max()) + step - 1) // step * step) if K else step
     Kp = ng * G
     order = torch.argsort(gi, stable=True)
     starts = torch.cumsum(counts, 0) - counts
@@ -144,6 +152,12 @@ def _pack_codes(q: torch.Tensor, g_idx: torch.Tensor, bits: int, ng: int, max_bl
     Np = T * TILE
     qp = torch.zeros(Np, Kp, dtype=torch.uint8)
     qp[:N, dest] = q[:, order].to(torch.uint8)
+    if layout == DOT4:
+        q6 = qp.view(T, 4, 16, Kp // 8, 2, 4)
+        w = (q6[..., 0, :] | (q6[..., 1, :] << 4)).permute(0, 3, 1, 2, 4).contiguous()  # (T, chunks, 4, 16, 4)
+        if Kp == K and torch.equal(perm, torch.arange(K, dtype=torch.int32)):
+            perm = perm[:0]
+        return w.view(-1), perm, G, S, T
     nibs = []
     for i in range(bits):
         bit = ((qp >> i) & 1).view(Np, nq, 4)
@@ -165,20 +179,36 @@ def _tiled(t: torch.Tensor, T: int) -> torch.Tensor:
     return pad.permute(0, 2, *range(3, 3 + len(rest)), 1).contiguous()
 
 
+def preferred_layout(bits: int) -> int:
+    """The layout the kernel runs fastest for ``bits``-bit uniform codes on this CPU: DOT4 at 4 bits
+    where the library has AVX-512 VNNI (``vpdpbusd`` on the codes beats two table lookups per plane
+    pair), bit planes otherwise. ``WEIGHTSMITH_LUT_LAYOUT=planes`` (or ``dot4``) overrides it."""
+    env = os.environ.get("WEIGHTSMITH_LUT_LAYOUT", "").lower()
+    if env in ("planes", "lut", "tables"):
+        return PLANES
+    lib = load_library()
+    dot = bits == 4 and lib is not None and bool(lib.ws_lut_dot_supported())
+    if env in ("dot4", "dot", "vnni") and not dot:
+        log.warning("WEIGHTSMITH_LUT_LAYOUT=%s ignored: %s", env, "not a 4-bit layer" if bits != 4 else "no AVX-512 VNNI kernel here")
+    return DOT4 if dot else PLANES
+
+
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, bits: int,
-         max_block: int | None = None) -> PackedLayer:
+         max_block: int | None = None, layout: int = PLANES) -> PackedLayer:
     """Repack integer codes ``q`` (out, in) with per-group ``scale``/``zero`` (out, n_groups) and
-    ``g_idx`` (in,) into bit planes for the kernel: ``w = (q - zero[:, g_idx]) * scale[:, g_idx]``."""
+    ``g_idx`` (in,) for the kernel: ``w = (q - zero[:, g_idx]) * scale[:, g_idx]``, in bit planes
+    (``layout=PLANES``) or, 4-bit codes only, as nibbles for VNNI dot products (``DOT4``; see
+    :func:`preferred_layout`)."""
     N, K = q.shape
     ng = scale.shape[1]
     if zero.shape != scale.shape or g_idx.shape != (K,) or scale.shape[0] != N:
         raise ValueError(f"inconsistent qparams: q {tuple(q.shape)}, scale {tuple(scale.shape)}, zero {tuple(zero.shape)}, g_idx {tuple(g_idx.shape)}")
-    w, perm, G, S, T = _pack_codes(q, g_idx, bits, ng, max_block)
+    w, perm, G, S, T = _pack_codes(q, g_idx, bits, ng, max_block, layout)
     z2 = 2 * zero.double() - (2**bits - 1)
     if not torch.equal(z2, z2.round()) or z2.abs().max() > 127:
         raise ValueError("the lookup-table kernel stores zero points as half-integers in int8; "
                          f"this layer's zero points are not (range {float(zero.min())} .. {float(zero.max())})")
-    return PackedLayer(w, _tiled(_fp16_scales(scale), T), _tiled(z2.to(torch.int8), T), perm, N, K, G, S, bits)
+    return PackedLayer(w, _tiled(_fp16_scales(scale), T), _tiled(z2.to(torch.int8), T), perm, N, K, G, S, bits, layout=layout)
 
 
 def pack_planes(q: torch.Tensor, plane_scale: torch.Tensor, offset: torch.Tensor, group_size: int, bits: int,
@@ -229,9 +259,31 @@ def _zero_coef(p: PackedLayer) -> torch.Tensor:
     return -p.zcs.double().permute(0, 2, 1).reshape(Np, ng)
 
 
+def _dot_codes(p: PackedLayer) -> torch.Tensor:
+    """A DOT4 layer's codes back as (rows padded to 64, Kp) uint8."""
+    w = p.w.view(p.tiles, p.kp // 8, 4, 16, 4).permute(0, 2, 3, 1, 4)  # (T, 4, 16, chunks, 4)
+    return torch.stack([w & 15, w >> 4], -2).reshape(p.tiles * TILE, p.kp)
+
+
+def _dot_qparams(p: PackedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of a DOT4 layer, float64 (rows padded to 64, groups)."""
+    Np, ng = p.tiles * TILE, p.n_groups
+    sc = p.scale.double().permute(0, 2, 1).reshape(Np, ng)
+    zero = (p.zero2.double().permute(0, 2, 1).reshape(Np, ng) + (2**p.bits - 1)) * 0.5
+    return sc, zero
+
+
 def unpack(p: PackedLayer) -> torch.Tensor:
     """The dequantized float32 weight (out, in), read back from the packed form (the reference path)."""
     G = p.group
+    if p.layout == DOT4:
+        sc, zero = _dot_qparams(p)
+        wp = (_dot_codes(p).double() - zero.repeat_interleave(G, 1)) * sc.repeat_interleave(G, 1)
+        out = torch.zeros(p.out_features, p.in_features, dtype=torch.float32)
+        cols = p.columns()
+        valid = cols >= 0
+        out[:, cols[valid].long()] = wp[: p.out_features, valid].float()
+        return out
     Np = p.tiles * TILE
     nib = _nibbles(p)
     pw = _plane_weights(p)
@@ -280,9 +332,41 @@ def tables(p: PackedLayer, x: torch.Tensor, passes: int = 1):
     return torch.stack(tqs), torch.stack(lss), asum
 
 
+def dot_activations(p: PackedLayer, x: torch.Tensor, passes: int = 1):
+    """A DOT4 layer's int8 activations for ``x`` (M, in), with the kernel's float32 operations:
+    ``(q (passes, M, Kp) int8, s (passes, M, groups) float32)`` — per token and group ``s1 = absmax / 127``,
+    ``q1 = round(x / s1)``; pass 2 the residual ``round((x − s1 q1) / s2)`` with ``s2 = s1 / 254``."""
+    x = x.float()
+    M = x.shape[0]
+    xs = torch.zeros(M, p.kp, dtype=torch.float32)
+    cols = p.columns()
+    valid = cols >= 0
+    xs[:, valid] = x[:, cols[valid].long()]
+    xg = xs.view(M, p.n_groups, p.group)
+    amax = xg.abs().amax(-1)
+    a = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    b = a / 254.0
+    q1 = torch.round(xg * (1.0 / a)[..., None]).clamp(-127, 127)
+    qs, ss = [q1.to(torch.int8).view(M, p.kp)], [a]
+    if passes == 2:
+        qs.append(torch.round((xg - q1 * a[..., None]) * (1.0 / b)[..., None]).clamp(-127, 127).to(torch.int8).view(M, p.kp))
+        ss.append(b)
+    return torch.stack(qs), torch.stack(ss)
+
+
 def emulate(p: PackedLayer, x: torch.Tensor, passes: int = 1) -> torch.Tensor:
-    """What the kernel computes for ``x`` (M, in), in float64 after exact integer lookups: differs
-    from the kernel only by float rounding of the final sums."""
+    """What the kernel computes for ``x`` (M, in), in float64 after exact integer lookups (or, DOT4,
+    exact integer dot products): differs from the kernel only by float rounding of the final sums."""
+    if p.layout == DOT4:
+        qs, ss = dot_activations(p, x, passes)
+        sc, zero = _dot_qparams(p)
+        codes = _dot_codes(p).double().view(-1, p.n_groups, p.group)
+        y = torch.zeros(x.shape[0], p.tiles * TILE, dtype=torch.float64)
+        for q, s in zip(qs, ss):
+            qg = q.double().view(x.shape[0], p.n_groups, p.group)
+            d = torch.einsum("ngk,mgk->mng", codes, qg)  # exact integers
+            y = y + (sc[None] * s.double()[:, None, :] * (d - zero[None] * qg.sum(-1)[:, None, :])).sum(-1)
+        return y[:, : p.out_features]
     tqs, lss, asum = tables(p, x, passes)
     M = x.shape[0]
     T, nb, F = p.tiles, p.kp // p.block, p.block // 4
@@ -301,7 +385,13 @@ def emulate(p: PackedLayer, x: torch.Tensor, passes: int = 1) -> torch.Tensor:
 
 def error_bound(p: PackedLayer, x: torch.Tensor, passes: int = 1) -> torch.Tensor:
     """Per output (M, out): the largest possible difference between the kernel and the exact float
-    matmul from rounding the tables (each entry is off by at most half a step of its last pass)."""
+    matmul from rounding the tables (each entry is off by at most half a step of its last pass) or,
+    DOT4, the activations (``Σ_g s_last[g] / 2 · Σ_{k∈g} |w[n, k]|``)."""
+    if p.layout == DOT4:
+        _, ss = dot_activations(p, x, passes)
+        sc, zero = _dot_qparams(p)
+        wabs = ((_dot_codes(p).double().view(-1, p.n_groups, p.group) - zero[..., None]).abs().sum(-1)) * sc.abs()  # (Np, ng)
+        return (0.5 * ss[-1].double() @ wabs.T)[:, : p.out_features]
     _, lss, _ = tables(p, x, passes)
     ls = lss[-1]
     wsum = _plane_weights(p).abs().sum(0).repeat_interleave(p.group // p.block, 1)  # (Np, nb): Σ_i |plane weight|
@@ -364,10 +454,15 @@ def _open(path: Path):
     lib.ws_lut_gemm.restype = ci
     lib.ws_lut_gemm_planes.argtypes = [vp] * 7 + [i64] * 6 + [ci] * 4
     lib.ws_lut_gemm_planes.restype = ci
+    lib.ws_lut_gemm_dot.argtypes = [vp] * 7 + [i64] * 6 + [ci] * 4
+    lib.ws_lut_gemm_dot.restype = ci
+    lib.ws_lut_dot_supported.restype = ci
     lib.ws_lut_tables.argtypes = [vp, vp, i64, i64, i64, ci, ci, vp, vp, vp]
     lib.ws_i8_gemm.argtypes = [vp] * 5 + [i64] * 3 + [ci] * 3
     lib.ws_i8_gemm.restype = ci
     lib.ws_i8_vnni.restype = ci
+    lib.ws_i8_gemm_tiles.argtypes = [vp] * 5 + [i64] * 3 + [ci]
+    lib.ws_i8_gemm_tiles.restype = ci
     lib.ws_lean_step.argtypes = [vp, i64, vp, vp, vp] + [i64] * 7 + [ctypes.c_float] * 2 + [ci] * 2
     lib.ws_lean_step.restype = ci
     lib.ws_lut_tables.restype = None
@@ -482,7 +577,10 @@ def lut_tables_native(p: PackedLayer, x: torch.Tensor, passes: int = 1, isa: int
 
 def gemm_entry(lib, p: PackedLayer):
     """The library function for ``p`` and its leading pointer arguments (weights, scales, zero term,
-    permutation): ``ws_lut_gemm`` for a uniform grid, ``ws_lut_gemm_planes`` for HLQ."""
+    permutation): ``ws_lut_gemm`` for a uniform grid, ``ws_lut_gemm_planes`` for HLQ, ``ws_lut_gemm_dot``
+    for the DOT4 layout."""
+    if p.layout == DOT4:
+        return lib.ws_lut_gemm_dot, (p.w.data_ptr(), p.scale.data_ptr(), p.zero2.data_ptr(), p.perm_ptr())
     if p.planes:
         return lib.ws_lut_gemm_planes, (p.w.data_ptr(), p.scale.data_ptr(), p.zc.data_ptr(), p.perm_ptr())
     return lib.ws_lut_gemm, (p.w.data_ptr(), p.scale.data_ptr(), p.zero2.data_ptr(), p.perm_ptr())
@@ -540,3 +638,44 @@ def i8_vnni() -> bool:
     """Whether :func:`i8_gemm`'s ``act8`` path (AVX-512 VNNI integer dot products) runs on this CPU."""
     lib = load_library()
     return bool(lib is not None and lib.ws_i8_vnni())
+
+
+def i8_pack_tiles(qweight: torch.Tensor) -> torch.Tensor:
+    """int8 rows (out, in) → the VNNI tiles of :func:`i8_gemm_tiles`: uint8 ``w + 128``,
+    ``[ceil(out/64)][ceil(in/4)][4 row blocks][16 rows][4 columns]`` (padding holds weight 0)."""
+    N, K = qweight.shape
+    T, k4 = -(-N // TILE), -(-K // 4)
+    u = torch.full((T * TILE, 4 * k4), 128, dtype=torch.uint8)
+    u[:N, :K] = (qweight.to(torch.int16) + 128).to(torch.uint8)
+    return u.view(T, 4, 16, k4, 4).permute(0, 3, 1, 2, 4).contiguous().view(-1)
+
+
+def i8_unpack_tiles(tiles: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The int8 rows (out, in) back from :func:`i8_pack_tiles`."""
+    T, k4 = -(-out_features // TILE), -(-in_features // 4)
+    u = tiles.view(T, k4, 4, 16, 4).permute(0, 2, 3, 1, 4).reshape(T * TILE, 4 * k4)
+    return (u[:out_features, :in_features].to(torch.int16) - 128).to(torch.int8)
+
+
+def i8_gemm_tiles(tiles: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+                  threads: int = 1) -> torch.Tensor:
+    """``x`` (M, in) times int8 rows held as VNNI tiles (:func:`i8_pack_tiles`) with one float32 ``scale``
+    per row (+ ``bias``), on AVX-512 VNNI (:func:`i8_vnni`): each token's activations rounded to int8
+    twice (value and residual, ``|x − x̂| ≤ absmax(x) / 64516``), every row's products summed in integers
+    by ``vpdpbusd`` in its own lane, the tiles read as one stream. A token with a non-finite activation
+    gets NaN outputs."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"the kernel library is unavailable: {_LIB_REASON}")
+    K = x.shape[1]
+    if tiles.dtype != torch.uint8 or tiles.numel() != -(-out_features // TILE) * TILE * 4 * -(-K // 4) or scale.shape != (out_features,):
+        raise ValueError("i8_gemm_tiles: tiles, scale and input do not match")
+    x = x.to(torch.float32).contiguous()
+    sc = scale.to(torch.float32).contiguous()
+    b = bias.to(torch.float32).contiguous() if bias is not None else None
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    rc = lib.ws_i8_gemm_tiles(tiles.data_ptr(), sc.data_ptr(), b.data_ptr() if b is not None else None, x.data_ptr(), y.data_ptr(),
+                              x.shape[0], out_features, K, int(threads))
+    if rc != 0:
+        raise RuntimeError(f"ws_i8_gemm_tiles failed ({'bad arguments' if rc == -1 else 'no AVX-512 VNNI on this CPU'})")
+    return y

@@ -28,6 +28,7 @@ def swap_quantized_layers(model: nn.Module, ckpt, use_kernel: bool = True) -> di
     by a :class:`LutLinear`; returns counts and byte sizes. Layers that are not ``nn.Linear``
     (GPT-2's ``Conv1D``) or whose bit width the kernel does not handle stay in float."""
     swapped, kept, packed_bytes, float_bytes = 0, [], 0, 0
+    layouts: dict[str, int] = {}
     planes = [n for n in ckpt.encoded if n not in ckpt.layers and any(e["kind"] == "planes" for e in ckpt.encodings(n))]
     for name in sorted([*ckpt.layers, *planes]):
         try:
@@ -57,9 +58,12 @@ def swap_quantized_layers(model: nn.Module, ckpt, use_kernel: bool = True) -> di
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         swapped += 1
+        key = "dot4" if new.layout == lut.DOT4 else "planes"
+        layouts[key] = layouts.get(key, 0) + 1
     for k in kept:
         log.warning("left in float: %s", k)
-    return {"quantized_layers": swapped, "float_layers_kept": len(kept), "packed_bytes": packed_bytes, "float_bytes": float_bytes}
+    return {"quantized_layers": swapped, "float_layers_kept": len(kept), "packed_bytes": packed_bytes, "float_bytes": float_bytes,
+            "kernel_layouts": layouts}
 
 
 HEAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -95,17 +99,18 @@ def quantized_head(weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: 
     res = rtn_quantize(w, GridConfig(bits=4, group_size=gs, sym=True, clip_search=True))
     gi = res.g_idx.long()
     q = codes(w, res.scale[:, gi], res.zero[:, gi], 4).to(torch.int32)
-    return LutLinear(lut.pack(q, res.scale, res.zero, res.g_idx, 4), bias, use_kernel=use_kernel)
+    return LutLinear(lut.pack(q, res.scale, res.zero, res.g_idx, 4, layout=lut.preferred_layout(4)), bias, use_kernel=use_kernel)
 
 
 class Int8Head(nn.Module):
     """The output head rounded to int8, one float32 scale per output row (symmetric, ``absmax / 127``,
     round to nearest) — a copy: a tied input embedding keeps its float32 weight. ``use_kernel``: the
-    matmul is the kernel library's int8 rows kernel (``lut.i8_gemm``: a quarter of a float32 head's
-    bytes read per token; for one token on an AVX-512 VNNI CPU the activations rounded to int8 twice,
-    value and residual, and the dot products done in integers, else the int8 weights widened to float
-    in registers; torch's own ``_weight_int8pack_mm`` was slower than a bfloat16 head on Zen 4,
-    bench/results/kernel_avx512_smollm2_int8.md);
+    matmul is the kernel library's (a quarter of a float32 head's bytes read per token): on an AVX-512
+    VNNI CPU the rows are repacked once into VNNI tiles (``lut.i8_gemm_tiles``: every token's
+    activations rounded to int8 twice, value and residual, each row's products summed in integers in
+    its own lane, the head read as one stream), elsewhere the int8 rows kernel widening the weights to
+    float in registers (``lut.i8_gemm``); torch's own ``_weight_int8pack_mm`` was slower than a bfloat16
+    head on Zen 4, bench/results/kernel_avx512_smollm2_int8.md;
     otherwise, or where the library is unavailable, the float32 matmul of the rounded weight (the
     dequantized path's reference, the same outputs within float rounding)."""
 
@@ -115,7 +120,8 @@ class Int8Head(nn.Module):
         if not torch.isfinite(w).all():
             raise WeightsmithError("--head-dtype int8: the output head has non-finite weights")
         scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), persistent=False)
+        self.register_buffer("qrows", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), persistent=False)
+        self.register_buffer("tiles", None, persistent=False)  # the VNNI tiles, made from qrows on first kernel use
         self.register_buffer("scale", scale.contiguous(), persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self.out_features, self.in_features = w.shape
@@ -127,15 +133,24 @@ class Int8Head(nn.Module):
         """Whether the kernel library (with its int8 rows kernel) loads here (else the float32 matmul serves)."""
         return lut.available()
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The int8 rows (out, in), however they are held."""
+        return self.qrows if self.qrows is not None else lut.i8_unpack_tiles(self.tiles, self.out_features, self.in_features)
+
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]
 
     def packed_nbytes(self) -> int:
-        return self.qweight.numel() + 4 * self.scale.numel()
+        return (self.qrows if self.qrows is not None else self.tiles).numel() + 4 * self.scale.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        if self.use_kernel and x2.device.type == "cpu":
+        if self.use_kernel and x2.device.type == "cpu" and self.in_features <= 32768 and lut.i8_vnni():
+            if self.tiles is None:  # one copy only: the rows become tiles
+                self.tiles, self.qrows = lut.i8_pack_tiles(self.qrows), None
+            y = lut.i8_gemm_tiles(self.tiles, self.scale, x2, self.out_features, threads=_threads())
+        elif self.use_kernel and x2.device.type == "cpu":
             y = lut.i8_gemm(self.qweight, self.scale, x2, threads=_threads(), act8=True)
         else:  # the dequantized path: the rounded weight in float32, made once
             if self._dense is None:

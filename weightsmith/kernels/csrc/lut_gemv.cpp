@@ -29,6 +29,10 @@
 // planes in one instruction, one int16 per row (natural order). Sums stay in int16 over a block
 // (|acc| <= 15 * 16 * 127 = 30480 < 32767 at 4 bits), are converted to float once per block and
 // scaled by scale * lut_scale. The zero term uses the float sum of each group's activations.
+//
+// Also in this library: 4-bit layers as nibbles for AVX-512 VNNI dot products (layout 1, gemm_dot:
+// where the CPU has VNNI, the loader's choice at 4 bits), the int8 rows kernel of the output head
+// (row-major, or in VNNI tiles: ws_i8_gemm_tiles), and one decode step of a Llama-shaped stack (ws_lean_step).
 #include <immintrin.h>
 
 #include <atomic>
@@ -610,8 +614,9 @@ void i8_rows(int isa, const int8_t* w, const float* scale, const float* bias, co
 // One token (M = 1) through int8 rows with int8 activations, AVX-512 VNNI: x is rounded twice to int8,
 // x ≈ s1 q1 + s2 q2 (q2 the rounding residual on a 254× finer step, so |x − s1 q1 − s2 q2| ≤ s2 / 2 =
 // absmax(x) / 64516), and each row's two integer dot products are `vpdpbusd` sums of 64 bytes per
-// instruction. The codes go in unsigned (q + 128): the offset comes out through the row's code sum,
-// a third `vpdpbusd` against ones. Four rows at a time, exact int32 sums (K ≤ I8_VNNI_MAX_K).
+// instruction. `vpdpbusd` wants one operand unsigned: the weights go in as w + 128 (one xor with 0x80
+// in the register), and the offset comes out through the token's code sums, 128 Σq, computed once.
+// Four rows at a time, their 16-lane sums reduced together; exact int32 sums (K ≤ I8_VNNI_MAX_K).
 constexpr int64_t I8_VNNI_MAX_K = 32768;
 // software prefetch of the next 4-row tile (rows ahead): measured a little faster than none on Zen 4
 #ifndef WS_PF
@@ -623,54 +628,336 @@ bool have_vnni() {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
 }
 
-// a1, a2: K bytes rounded up to 64, the tail zero (masked weight loads zero it anyway).
-bool i8_quantize_token(const float* x, int64_t K, uint8_t* a1, uint8_t* a2, float* s1, float* s2) {
+// a1, a2: K bytes rounded up to 64, the tail zero (masked weight loads zero it anyway); t1, t2: Σ a1, Σ a2.
+bool i8_quantize_token(const float* x, int64_t K, int8_t* a1, int8_t* a2, float* s1, float* s2, int64_t* t1, int64_t* t2) {
     float amax = 0.0f;
-    for (int64_t k = 0; k < K; ++k) amax = std::fabs(x[k]) > amax ? std::fabs(x[k]) : amax;
-    if (!std::isfinite(amax)) return false;
+    bool finite = true;  // a NaN fails every comparison: checked on its own
+    for (int64_t k = 0; k < K; ++k) {
+        amax = std::fabs(x[k]) > amax ? std::fabs(x[k]) : amax;
+        finite = finite && std::isfinite(x[k]);
+    }
+    if (!finite) return false;
     *s1 = amax > 0.0f ? amax / 127.0f : 1.0f;
     *s2 = *s1 / 254.0f;
     const float i1 = 1.0f / *s1, i2 = 1.0f / *s2;
+    int64_t u1 = 0, u2 = 0;
     for (int64_t k = 0; k < K; ++k) {
-        float q1 = std::nearbyint(x[k] * i1);
-        q1 = q1 > 127.0f ? 127.0f : (q1 < -127.0f ? -127.0f : q1);
-        float q2 = std::nearbyint((x[k] - q1 * *s1) * i2);
-        q2 = q2 > 127.0f ? 127.0f : (q2 < -127.0f ? -127.0f : q2);
-        a1[k] = (uint8_t)((int)q1 + 128);
-        a2[k] = (uint8_t)((int)q2 + 128);
+        const float q1 = clamp127(std::nearbyint(x[k] * i1));
+        const float q2 = clamp127(std::nearbyint((x[k] - q1 * *s1) * i2));
+        a1[k] = (int8_t)q1;
+        a2[k] = (int8_t)q2;
+        u1 += (int64_t)q1;
+        u2 += (int64_t)q2;
     }
+    *t1 = u1;
+    *t2 = u2;
     return true;
 }
 
+// The four 16-lane int32 sums a, b, c, d reduced to one int32 each: [Σa, Σb, Σc, Σd].
+__attribute__((target("avx512f,avx512bw"))) inline __m128i reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
+    const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));  // per 128-bit lane: a a b b (pairs)
+    const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));  // per lane: a b c d
+    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void i8_rows_vnni(const int8_t* w, const float* scale, const float* bias,
-                                                                         const uint8_t* a1, const uint8_t* a2, float s1, float s2,
-                                                                         float* y, int64_t n0, int64_t n1, int64_t K) {
+                                                                         const int8_t* a1, const int8_t* a2, float s1, float s2,
+                                                                         int64_t t1, int64_t t2, float* y, int64_t n0, int64_t n1,
+                                                                         int64_t K) {
     const int64_t kv = K / 64 * 64;
     const __mmask64 tail = K > kv ? (~0ULL >> (64 - (K - kv))) : 0;
-    const __m512i ones = _mm512_set1_epi8(1);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const int64_t off1 = 128 * t1, off2 = 128 * t2;
     for (int64_t n = n0; n < n1; n += 4) {
         const int rows = n1 - n < 4 ? (int)(n1 - n) : 4;
-        __m512i c1[4], c2[4], cs[4];
-        for (int r = 0; r < 4; ++r) c1[r] = c2[r] = cs[r] = _mm512_setzero_si512();
+        __m512i c1[4], c2[4];
+        for (int r = 0; r < 4; ++r) c1[r] = c2[r] = _mm512_setzero_si512();
         for (int64_t k = 0; k < K; k += 64) {
             const __m512i x1 = _mm512_loadu_si512(a1 + k), x2 = _mm512_loadu_si512(a2 + k);
             for (int r = 0; r < rows; ++r) {
                 const int8_t* wr = w + (n + r) * K + k;
-                const __m512i b = k < kv ? _mm512_loadu_si512(wr) : _mm512_maskz_loadu_epi8(tail, wr);
+                // the masked tail loads zeros, which the xor makes 128: their activations are 0
+                const __m512i b = _mm512_xor_si512(k < kv ? _mm512_loadu_si512(wr) : _mm512_maskz_loadu_epi8(tail, wr), flip);
                 _mm_prefetch((const char*)(wr + WS_PF * K), _MM_HINT_T0);
-                c1[r] = _mm512_dpbusd_epi32(c1[r], x1, b);
-                c2[r] = _mm512_dpbusd_epi32(c2[r], x2, b);
-                cs[r] = _mm512_dpbusd_epi32(cs[r], ones, b);
+                c1[r] = _mm512_dpbusd_epi32(c1[r], b, x1);
+                c2[r] = _mm512_dpbusd_epi32(c2[r], b, x2);
             }
         }
+        alignas(16) int32_t d1[4], d2[4];
+        _mm_store_si128((__m128i*)d1, reduce4(c1[0], c1[1], c1[2], c1[3]));
+        _mm_store_si128((__m128i*)d2, reduce4(c2[0], c2[1], c2[2], c2[3]));
         for (int r = 0; r < rows; ++r) {
-            const int64_t off = 128 * (int64_t)_mm512_reduce_add_epi32(cs[r]);
-            const double d1 = (double)((int64_t)_mm512_reduce_add_epi32(c1[r]) - off);
-            const double d2 = (double)((int64_t)_mm512_reduce_add_epi32(c2[r]) - off);
-            const float v = (float)(d1 * s1 + d2 * s2) * scale[n + r];
+            const double v1 = (double)((int64_t)d1[r] - off1), v2 = (double)((int64_t)d2[r] - off2);
+            const float v = (float)(v1 * s1 + v2 * s2) * scale[n + r];
             y[n + r] = bias ? v + bias[n + r] : v;
         }
     }
+}
+
+// The int8 rows in tiles for VNNI (the head on a VNNI CPU, any number of tokens): the codes stored
+// unsigned (w + 128), [tile of 64 rows][K/4 column quads][4 row blocks of 16][16 rows × 4 bytes], so
+// that one zmm holds 16 rows × 4 columns and `vpdpbusd` against the 4 activations broadcast leaves
+// each row's sum in its own lane (no reductions), the whole matrix read as one sequential stream.
+// Activations rounded twice to int8 per token as above; the +128 taken out through 128 Σq. No software
+// prefetch: on Zen 4 the hardware prefetcher alone was faster on this one stream (49152 × 2048, 1 token:
+// ~4.4 vs 5.2-7.4 ms at 1 thread, ~2.8 vs 3.3-4.3 ms at 2, prefetching 1-16 KB ahead).
+template <int NT, int RB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void i8_tile_vnni(const uint8_t* wt, int64_t k4, const int8_t* const* a1,
+                                                                                const int8_t* const* a2, const int32_t* off1,
+                                                                                const int32_t* off2, const float* s1, const float* s2,
+                                                                                float* const* out64) {
+    for (int rb0 = 0; rb0 < 4; rb0 += RB) {
+        __m512i c1[NT][RB], c2[NT][RB];
+        for (int n = 0; n < NT; ++n)
+            for (int r = 0; r < RB; ++r) c1[n][r] = c2[n][r] = _mm512_setzero_si512();
+        const uint8_t* w = wt + rb0 * 64;
+        for (int64_t q = 0; q < k4; ++q) {
+            __m512i v[RB];
+            for (int r = 0; r < RB; ++r) v[r] = _mm512_loadu_si512(w + q * 256 + r * 64);
+            for (int n = 0; n < NT; ++n) {
+                int32_t u1, u2;
+                std::memcpy(&u1, a1[n] + 4 * q, 4);
+                std::memcpy(&u2, a2[n] + 4 * q, 4);
+                const __m512i b1 = _mm512_set1_epi32(u1), b2 = _mm512_set1_epi32(u2);
+                for (int r = 0; r < RB; ++r) {
+                    c1[n][r] = _mm512_dpbusd_epi32(c1[n][r], v[r], b1);
+                    c2[n][r] = _mm512_dpbusd_epi32(c2[n][r], v[r], b2);
+                }
+            }
+        }
+        for (int n = 0; n < NT; ++n)
+            for (int r = 0; r < RB; ++r) {
+                const __m512 d1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(c1[n][r], _mm512_set1_epi32(off1[n])));
+                const __m512 d2 = _mm512_cvtepi32_ps(_mm512_sub_epi32(c2[n][r], _mm512_set1_epi32(off2[n])));
+                _mm512_storeu_ps(out64[n] + 16 * (rb0 + r), _mm512_add_ps(_mm512_mul_ps(d1, _mm512_set1_ps(s1[n])), _mm512_mul_ps(d2, _mm512_set1_ps(s2[n]))));
+            }
+    }
+}
+
+// ---------------------------------------------------------------- 4-bit codes on VNNI integer dot products (layout 1)
+// The T-MAC tables pay off below 4 bits; at 4 bits a table lookup per plane pair costs more than
+// multiplying the code itself. Layout 1 keeps each row's 4-bit codes as nibbles (the same bytes as
+// the bit planes, 0.5 per weight) so that `vpdpbusd` multiplies them by int8 activations directly:
+//     [tile of 64 rows][chunk c of 8 packed columns][row block rb of 16 rows][64 bytes]
+// byte 4i + j of a row block (row 16 rb + i, j = 0..3): low nibble = the code at column 8c + j,
+// high nibble = the code at column 8c + 4 + j. One zmm = 16 rows × 8 columns: its low nibbles
+// (v & 0x0F) against the 4 activations 8c..8c+3 broadcast to every lane, its high nibbles, left in
+// place (v & 0xF0, 16× the code), against 8c+4..8c+7 — no shift in the loop; the high sum is
+// divided by 16 (exactly) once per group. Activations are rounded to int8 once per token and group,
+// x ≈ s1 q1 (passes = 2: + s2 q2, the residual on a 254× finer step, as the int8 rows kernel does);
+// the zero point goes through the group's integer code sum Σq, so the kernel computes exactly
+//     y[n] = Σ_g scale[n,g] Σ_p s_p[g] (Σ_{k∈g} q[n,k] q_p[k] − zero[n,g] Σ_{k∈g} q_p[k])
+// in integers up to the float product per group: |y − x·w| ≤ Σ_g (s_last[g] / 2) Σ_{k∈g} |w[n,k]|.
+// int32 sums are exact for G ≤ DOT_MAX_G (16 × 15 × 127 × 4 per byte quad per chunk).
+constexpr int64_t DOT_MAX_G = 65536;
+
+struct DotAct {  // one token's rounded activations: [P][Kp] int8 codes, [P][ng] scales and code sums
+    const int8_t* q[2];
+    const float* s[2];
+    const int32_t* qs[2];
+};
+
+// Groups g0..g1-1 of one token: x gathered through perm (null: identity; -1: padding, read as 0) and
+// rounded per group of G into q1 (and q2), s1 (s2), qs1 (qs2), indexed by packed column and group.
+// Returns false for a non-finite activation.
+bool dot_quantize_groups(const float* x, const int32_t* perm, int64_t G, int passes, int64_t g0, int64_t g1, int8_t* q1, int8_t* q2,
+                         float* s1, float* s2, int32_t* qs1, int32_t* qs2) {
+    thread_local std::vector<float> buf;
+    buf.resize((size_t)G);
+    float* xg = buf.data();
+    for (int64_t g = g0; g < g1; ++g) {
+        for (int64_t k = 0; k < G; ++k) {
+            const int64_t c = g * G + k;
+            xg[k] = perm ? (perm[c] >= 0 ? x[perm[c]] : 0.0f) : x[c];
+        }
+        float amax = 0.0f;
+        bool finite = true;  // a NaN fails every comparison: checked on its own
+        for (int64_t k = 0; k < G; ++k) {
+            amax = std::fabs(xg[k]) > amax ? std::fabs(xg[k]) : amax;
+            finite = finite && std::isfinite(xg[k]);
+        }
+        if (!finite) return false;
+        const float a = amax > 0.0f ? amax / 127.0f : 1.0f, b = a / 254.0f;
+        const float ia = 1.0f / a, ib = 1.0f / b;
+        int32_t t1 = 0, t2 = 0;
+        for (int64_t k = 0; k < G; ++k) {
+            const float v1 = clamp127(std::nearbyint(xg[k] * ia));
+            q1[g * G + k] = (int8_t)v1;
+            t1 += (int32_t)v1;
+            if (passes == 2) {
+                const float v2 = clamp127(std::nearbyint((xg[k] - v1 * a) * ib));
+                q2[g * G + k] = (int8_t)v2;
+                t2 += (int32_t)v2;
+            }
+        }
+        s1[g] = a;
+        qs1[g] = t1;
+        if (passes == 2) {
+            s2[g] = b;
+            qs2[g] = t2;
+        }
+    }
+    return true;
+}
+
+// One tile of 64 rows for NT tokens: out64[n][64] (natural row order). RB row blocks of 16 per sweep
+// over the tile's weights (64 / (16 RB) sweeps), so that the int32 accumulators fit the registers.
+template <int NT, int P, int RB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma"))) void tile_dot4(const uint8_t* w, const uint16_t* sc,
+                                                                                      const int8_t* z2, int64_t ng, int64_t G,
+                                                                                      const DotAct* act, float* const* out64) {
+    const int64_t cpg = G / 8;
+    const __m512i m0f = _mm512_set1_epi8(0x0F), mf0 = _mm512_set1_epi8((char)0xF0);
+    for (int n = 0; n < NT; ++n)
+        for (int r = 0; r < TILE; ++r) out64[n][r] = 0.0f;
+    for (int rb0 = 0; rb0 < 4; rb0 += RB) {
+        for (int64_t g = 0; g < ng; ++g) {
+            __m512i aL[NT][P][RB], aH[NT][P][RB];
+            for (int n = 0; n < NT; ++n)
+                for (int p = 0; p < P; ++p)
+                    for (int r = 0; r < RB; ++r) aL[n][p][r] = aH[n][p][r] = _mm512_setzero_si512();
+            const uint8_t* wg = w + g * cpg * 256 + rb0 * 64;
+            for (int64_t c = 0; c < cpg; ++c) {
+                const uint8_t* wc = wg + c * 256;
+                __m512i lo[RB], hi[RB];
+                for (int r = 0; r < RB; ++r) {
+                    const __m512i v = _mm512_loadu_si512(wc + r * 64);
+                    lo[r] = _mm512_and_si512(v, m0f);
+                    hi[r] = _mm512_and_si512(v, mf0);
+                }
+                const int64_t k = g * G + 8 * c;
+                for (int n = 0; n < NT; ++n)
+                    for (int p = 0; p < P; ++p) {
+                        int32_t xa, xb;
+                        std::memcpy(&xa, act[n].q[p] + k, 4);
+                        std::memcpy(&xb, act[n].q[p] + k + 4, 4);
+                        const __m512i va = _mm512_set1_epi32(xa), vb = _mm512_set1_epi32(xb);
+                        for (int r = 0; r < RB; ++r) {
+                            aL[n][p][r] = _mm512_dpbusd_epi32(aL[n][p][r], lo[r], va);
+                            aH[n][p][r] = _mm512_dpbusd_epi32(aH[n][p][r], hi[r], vb);
+                        }
+                    }
+            }
+            for (int r = 0; r < RB; ++r) {
+                const int64_t o = g * TILE + 16 * (rb0 + r);
+                const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sc + o)));
+                // zero = (z2 + 15) / 2, exact in float
+                const __m512 zf = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(z2 + o)))),
+                                                              _mm512_set1_ps(15.0f)),
+                                                _mm512_set1_ps(0.5f));
+                for (int n = 0; n < NT; ++n) {
+                    __m512 t = _mm512_setzero_ps();
+                    for (int p = 0; p < P; ++p) {
+                        const __m512i d = _mm512_add_epi32(aL[n][p][r], _mm512_srai_epi32(aH[n][p][r], 4));
+                        const __m512 dz = _mm512_sub_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(zf, _mm512_set1_ps((float)act[n].qs[p][g])));
+                        t = _mm512_add_ps(t, _mm512_mul_ps(dz, _mm512_set1_ps(act[n].s[p][g])));
+                    }
+                    float* op = out64[n] + 16 * (rb0 + r);
+                    _mm512_storeu_ps(op, _mm512_add_ps(_mm512_loadu_ps(op), _mm512_mul_ps(s, t)));
+                }
+            }
+        }
+    }
+}
+
+// y[M, N] = x[M, K] times a layout-1 layer (4-bit uniform grid), + bias. Non-finite activations give
+// NaN outputs for that token. Returns 0, -1 bad arguments, -2 no AVX-512 VNNI on this CPU.
+static int gemm_dot(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const int32_t* perm, const float* bias, const float* x,
+                    float* y, int64_t M, int64_t N, int64_t K, int64_t Kp, int64_t G, int bits, int passes, int threads) {
+    if (passes < 1 || passes > 2 || bits != 4 || G <= 0 || G % 8 || G > DOT_MAX_G || Kp % G || M < 0 || N < 0 || K < 0 || K > Kp ||
+        (!perm && K != Kp))
+        return -1;
+    if (!have_vnni()) return -2;
+    if (M == 0 || N == 0) return 0;
+    const int64_t ng = Kp / G;
+    thread_local std::vector<float> fs;
+    thread_local std::vector<int8_t> qa;
+    thread_local std::vector<int32_t> qsum;
+    qa.resize((size_t)M * 2 * Kp);
+    fs.resize((size_t)M * 2 * ng);
+    qsum.resize((size_t)M * 2 * ng);
+    std::vector<DotAct> act((size_t)M);
+    for (int64_t m = 0; m < M; ++m) {
+        int8_t* q = qa.data() + m * 2 * Kp;
+        float* s = fs.data() + m * 2 * ng;
+        int32_t* qs = qsum.data() + m * 2 * ng;
+        act[m] = DotAct{{q, q + Kp}, {s, s + ng}, {qs, qs + ng}};
+    }
+    // the activations of unit u = (token, slice of groups) are rounded by the threads before the tiles
+    const int64_t gsl = ng < 8 ? ng : 8, units = M * gsl;
+    std::vector<char> bad((size_t)units, 0);
+    char* badp = bad.data();  // the workers read these, not their own (empty) thread_local copies
+    DotAct* actw = act.data();
+    auto quant = [&](int64_t u) {
+        const int64_t m = u / gsl, j = u % gsl;
+        DotAct& A = actw[m];
+        badp[u] = !dot_quantize_groups(x + m * K, perm, G, passes, ng * j / gsl, ng * (j + 1) / gsl, (int8_t*)A.q[0], (int8_t*)A.q[1],
+                                       (float*)A.s[0], (float*)A.s[1], (int32_t*)A.qs[0], (int32_t*)A.qs[1]);
+    };
+    auto tok_ok = [&](int64_t m) {
+        for (int64_t j = 0; j < gsl; ++j)
+            if (badp[m * gsl + j]) return false;
+        return true;
+    };
+    const DotAct* actp = act.data();
+    const int64_t ntiles = (N + TILE - 1) / TILE;
+    int nt = threads < 1 ? 1 : threads;
+    if (nt > ntiles) nt = (int)ntiles;
+    constexpr int NTMAX = 4;
+    auto work = [&](int id, int n) {
+        const int64_t t0 = ntiles * id / n, t1 = ntiles * (id + 1) / n;
+        alignas(64) float out[NTMAX][TILE];
+        float* op[NTMAX] = {out[0], out[1], out[2], out[3]};
+        for (int64_t t = t0; t < t1; ++t) {
+            const int64_t rows = N - t * TILE < TILE ? N - t * TILE : TILE;
+            const uint8_t* wt = w + t * (Kp / 8) * 256;
+            const uint16_t* st = scale + t * ng * TILE;
+            const int8_t* zt = z2 + t * ng * TILE;
+            for (int64_t m = 0; m < M;) {
+                const int here = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+                const DotAct* a = actp + m;
+                if (passes == 1) {
+                    if (here == 4) tile_dot4<4, 1, 2>(wt, st, zt, ng, G, a, op);
+                    else if (here == 2) tile_dot4<2, 1, 4>(wt, st, zt, ng, G, a, op);
+                    else tile_dot4<1, 1, 4>(wt, st, zt, ng, G, a, op);
+                } else {
+                    if (here == 4) tile_dot4<4, 2, 1>(wt, st, zt, ng, G, a, op);
+                    else if (here == 2) tile_dot4<2, 2, 2>(wt, st, zt, ng, G, a, op);
+                    else tile_dot4<1, 2, 4>(wt, st, zt, ng, G, a, op);
+                }
+                for (int j = 0; j < here; ++j) {
+                    float* yo = y + (m + j) * N + t * TILE;
+                    const bool ok = tok_ok(m + j);
+                    for (int64_t r = 0; r < rows; ++r)
+                        yo[r] = ok ? (bias ? out[j][r] + bias[t * TILE + r] : out[j][r]) : NAN;
+                }
+                m += here;
+            }
+        }
+    };
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            const int id = omp_get_thread_num(), n = omp_get_num_threads();
+            for (int64_t u = units * id / n; u < units * (id + 1) / n; ++u) quant(u);
+#pragma omp barrier
+            work(id, n);
+        }
+    } else {
+        for (int64_t u = 0; u < units; ++u) quant(u);
+        work(0, 1);
+    }
+#else
+    pool().run(nt, [&](int id) {
+        for (int64_t u = units * id / nt; u < units * (id + 1) / nt; ++u) quant(u);
+    });
+    pool().run(nt, [&](int id) { work(id, nt); });
+#endif
+    return 0;
 }
 
 int best_isa() {
@@ -689,7 +976,7 @@ struct Scratch {
 
 extern "C" {
 
-int ws_lut_abi_version() { return 13; }
+int ws_lut_abi_version() { return 14; }
 
 // 1 when built with OpenMP (the kernel shares torch's OpenMP threads), 0 with its own thread pool.
 int ws_lut_openmp() {
@@ -841,6 +1128,19 @@ int ws_lut_gemm_planes(const uint8_t* w, const uint16_t* plane_scale, const floa
     return gemm(w, plane_scale, nullptr, zc, perm, bias, x, y, M, N, K, Kp, G, S, bits, passes, threads, isa);
 }
 
+// Layout-1 layers (4-bit codes as nibbles for VNNI dot products, see gemm_dot): the same arguments as
+// ws_lut_gemm (S is not used). Returns 0, -1 bad arguments, -2 without AVX-512 VNNI.
+int ws_lut_gemm_dot(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const int32_t* perm, const float* bias,
+                    const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t Kp, int64_t G, int64_t S, int bits,
+                    int passes, int threads, int isa) {
+    (void)S;
+    if (isa == 1) return -2;  // an AVX2-only request: this layout has no AVX2 path
+    return gemm_dot(w, scale, z2, perm, bias, x, y, M, N, K, Kp, G, bits, passes, threads);
+}
+
+// 1 where layout-1 layers run on this CPU (AVX-512 VNNI).
+int ws_lut_dot_supported() { return have_vnni() ? 1 : 0; }
+
 // The int8 rows kernel (the output head): w [N][K] int8, scale [N], bias [N] or null, x [M][K], y [M][N].
 // Rows are split between the threads in blocks of 64. Returns 0, -1 on bad arguments, -2 for an isa this CPU lacks.
 int ws_i8_gemm(const int8_t* w, const float* scale, const float* bias, const float* x, float* y, int64_t M, int64_t N, int64_t K,
@@ -851,14 +1151,15 @@ int ws_i8_gemm(const int8_t* w, const float* scale, const float* bias, const flo
     if (isa == 0 || isa > have) return -2;
     if (M == 0 || N == 0) return 0;
     // act8: one token with int8 activations on VNNI where the CPU has it (else, or for non-finite x, weight-only)
-    std::vector<uint8_t> a1, a2;
+    std::vector<int8_t> a1, a2;
     float s1 = 0.0f, s2 = 0.0f;
+    int64_t t1 = 0, t2 = 0;
     bool vnni = act8 && M == 1 && isa == 2 && K <= I8_VNNI_MAX_K && have_vnni();
     if (vnni) {
         const int64_t kp = (K + 63) / 64 * 64;
         a1.assign(kp, 0);
         a2.assign(kp, 0);
-        vnni = i8_quantize_token(x, K, a1.data(), a2.data(), &s1, &s2);
+        vnni = i8_quantize_token(x, K, a1.data(), a2.data(), &s1, &s2, &t1, &t2);
     }
     const int64_t chunks = (N + 63) / 64;
     int nt = threads < 1 ? 1 : threads;
@@ -868,7 +1169,7 @@ int ws_i8_gemm(const int8_t* w, const float* scale, const float* bias, const flo
         const int64_t r1 = 64 * c1 < N ? 64 * c1 : N;
         if (64 * c0 >= r1) return;
         if (vnni)
-            i8_rows_vnni(w, scale, bias, a1.data(), a2.data(), s1, s2, y, 64 * c0, r1, K);
+            i8_rows_vnni(w, scale, bias, a1.data(), a2.data(), s1, s2, t1, t2, y, 64 * c0, r1, K);
         else
             i8_rows(isa, w, scale, bias, x, y, M, 64 * c0, r1, N, K);
     };
@@ -883,6 +1184,74 @@ int ws_i8_gemm(const int8_t* w, const float* scale, const float* bias, const flo
     pool().run(nt, [&](int id) { work(id, nt); });
 #endif
     return vnni ? 1 : 0;
+}
+
+// The int8 rows in VNNI tiles (see i8_tile_vnni; lut.i8_pack_tiles): wt [ceil(N/64)][ceil(K/4)][256] uint8 (w + 128),
+// scale [N], bias [N] or null, x [M][K], y [M][N]. Tokens with a non-finite activation get NaN outputs.
+// Returns 0, -1 bad arguments, -2 without AVX-512 VNNI.
+int ws_i8_gemm_tiles(const uint8_t* wt, const float* scale, const float* bias, const float* x, float* y, int64_t M, int64_t N,
+                     int64_t K, int threads) {
+    if (M < 0 || N < 0 || K < 1 || K > I8_VNNI_MAX_K || !wt || !scale || !x || !y) return -1;
+    if (!have_vnni()) return -2;
+    if (M == 0 || N == 0) return 0;
+    const int64_t k4 = (K + 3) / 4, kp = 4 * k4, ntiles = (N + TILE - 1) / TILE;
+    std::vector<int8_t> a((size_t)M * 2 * kp, 0);
+    std::vector<float> sv((size_t)M * 2);
+    std::vector<int32_t> off((size_t)M * 2);
+    std::vector<char> ok((size_t)M);
+    for (int64_t m = 0; m < M; ++m) {
+        int64_t t1 = 0, t2 = 0;
+        ok[m] = i8_quantize_token(x + m * K, K, a.data() + m * 2 * kp, a.data() + m * 2 * kp + kp, &sv[2 * m], &sv[2 * m + 1], &t1, &t2);
+        off[2 * m] = (int32_t)(128 * t1);
+        off[2 * m + 1] = (int32_t)(128 * t2);
+    }
+    int nt = threads < 1 ? 1 : threads;
+    if (nt > ntiles) nt = (int)ntiles;
+    auto work = [&](int id, int n) {
+        alignas(64) float out[4][TILE];
+        float* op[4] = {out[0], out[1], out[2], out[3]};
+        for (int64_t t = ntiles * id / n; t < ntiles * (id + 1) / n; ++t) {
+            const int64_t rows = N - t * TILE < TILE ? N - t * TILE : TILE;
+            const uint8_t* w = wt + t * k4 * 256;
+            for (int64_t m = 0; m < M;) {
+                const int here = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+                const int8_t* p1[4];
+                const int8_t* p2[4];
+                int32_t o1[4], o2[4];
+                float f1[4], f2[4];
+                for (int j = 0; j < here; ++j) {
+                    p1[j] = a.data() + (m + j) * 2 * kp;
+                    p2[j] = p1[j] + kp;
+                    o1[j] = off[2 * (m + j)];
+                    o2[j] = off[2 * (m + j) + 1];
+                    f1[j] = sv[2 * (m + j)];
+                    f2[j] = sv[2 * (m + j) + 1];
+                }
+                if (here == 4) i8_tile_vnni<4, 2>(w, k4, p1, p2, o1, o2, f1, f2, op);
+                else if (here == 2) i8_tile_vnni<2, 4>(w, k4, p1, p2, o1, o2, f1, f2, op);
+                else i8_tile_vnni<1, 4>(w, k4, p1, p2, o1, o2, f1, f2, op);
+                for (int j = 0; j < here; ++j) {
+                    float* yo = y + (m + j) * N + t * TILE;
+                    for (int64_t r = 0; r < rows; ++r) {
+                        const float v = out[j][r] * scale[t * TILE + r];
+                        yo[r] = ok[m + j] ? (bias ? v + bias[t * TILE + r] : v) : NAN;
+                    }
+                }
+                m += here;
+            }
+        }
+    };
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        work(omp_get_thread_num(), omp_get_num_threads());
+    } else {
+        work(0, 1);
+    }
+#else
+    pool().run(nt, [&](int id) { work(id, nt); });
+#endif
+    return 0;
 }
 
 // 1 where ws_i8_gemm's act8 path (AVX-512 VNNI) runs on this CPU.
@@ -900,7 +1269,7 @@ struct WsLin {
     const int32_t* perm;  // null: identity
     const float* bias;    // may be null
     int64_t N, K, Kp, G, S;
-    int32_t bits, pad;
+    int32_t bits, layout;  // layout 0: bit planes (gemm), 1: 4-bit nibbles for VNNI (gemm_dot)
 };
 
 struct WsLayer {
@@ -915,6 +1284,7 @@ struct WsLayer {
 };
 
 static int lin(const WsLin& L, const float* x, float* y, int passes, int threads) {
+    if (L.layout == 1) return gemm_dot(L.w, L.scale, L.z2, L.perm, L.bias, x, y, 1, L.N, L.K, L.Kp, L.G, L.bits, passes, threads);
     return gemm(L.w, L.scale, L.z2, L.zc, L.perm, L.bias, x, y, 1, L.N, L.K, L.Kp, L.G, L.S, L.bits, passes, threads, -1);
 }
 
