@@ -299,16 +299,22 @@ def unpack(p: PackedLayer) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- emulation
+def _gathered(p: PackedLayer, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (M, in) float32 in packed column order (M, Kp), padding columns 0 — what the kernel reads."""
+    x = x.float()
+    xs = torch.zeros(x.shape[0], p.kp, dtype=torch.float32)
+    cols = p.columns()
+    valid = cols >= 0
+    xs[:, valid] = x[:, cols[valid].long()]
+    return xs
+
+
 def tables(p: PackedLayer, x: torch.Tensor, passes: int = 1):
     """The int8 tables the kernel builds for activations ``x`` (M, in): ``(tq (passes, M, Kp/4, 16) int8,
     lut_scale (passes, M, Kp/S), asum (M, n_groups) float64)``, with the kernel's float32 operations in
     the same order. Pass 2 (if any) holds the rounding residual of pass 1 at 1/254 of its scale."""
-    x = x.float()
-    M = x.shape[0]
-    xs = torch.zeros(M, p.kp, dtype=torch.float32)
-    cols = p.columns()
-    valid = cols >= 0
-    xs[:, valid] = x[:, cols[valid].long()]
+    xs = _gathered(p, x)
+    M = xs.shape[0]
     a = xs.view(M, -1, 4)
     a0, a1, a2, a3 = a.unbind(-1)
     idx = torch.arange(16)
@@ -336,12 +342,8 @@ def dot_activations(p: PackedLayer, x: torch.Tensor, passes: int = 1):
     """A DOT4 layer's int8 activations for ``x`` (M, in), with the kernel's float32 operations:
     ``(q (passes, M, Kp) int8, s (passes, M, groups) float32)`` — per token and group ``s1 = absmax / 127``,
     ``q1 = round(x / s1)``; pass 2 the residual ``round((x − s1 q1) / s2)`` with ``s2 = s1 / 254``."""
-    x = x.float()
-    M = x.shape[0]
-    xs = torch.zeros(M, p.kp, dtype=torch.float32)
-    cols = p.columns()
-    valid = cols >= 0
-    xs[:, valid] = x[:, cols[valid].long()]
+    xs = _gathered(p, x)
+    M = xs.shape[0]
     xg = xs.view(M, p.n_groups, p.group)
     amax = xg.abs().amax(-1)
     a = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))

@@ -140,6 +140,31 @@ Pool& pool() {
 }
 #endif
 
+// On nt threads: first the units 0..units-1 of per-token preparation (tables, rounded activations)
+// shared out, then, after a barrier, work(id, n) — one parallel region for both.
+template <class Prep, class Work>
+void two_phase(int nt, int64_t units, Prep& prep, Work& work) {
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            const int id = omp_get_thread_num(), n = omp_get_num_threads();
+            for (int64_t u = units * id / n; u < units * (id + 1) / n; ++u) prep(u);
+#pragma omp barrier
+            work(id, n);
+        }
+    } else {
+        for (int64_t u = 0; u < units; ++u) prep(u);
+        work(0, 1);
+    }
+#else
+    pool().run(nt, [&](int id) {
+        for (int64_t u = units * id / nt; u < units * (id + 1) / nt; ++u) prep(u);
+    });
+    pool().run(nt, [&](int id) { work(id, nt); });
+#endif
+}
+
 // ---------------------------------------------------------------- tables
 // For one token: gathered activations -> int8 tables [Kp/4][32] (16 entries, duplicated for both
 // 128-bit lanes), lut scales [Kp/S], group sums [n_groups]. Plain float code, compiled without
@@ -938,25 +963,7 @@ static int gemm_dot(const uint8_t* w, const uint16_t* scale, const int8_t* z2, c
             }
         }
     };
-#ifdef _OPENMP
-    if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-        {
-            const int id = omp_get_thread_num(), n = omp_get_num_threads();
-            for (int64_t u = units * id / n; u < units * (id + 1) / n; ++u) quant(u);
-#pragma omp barrier
-            work(id, n);
-        }
-    } else {
-        for (int64_t u = 0; u < units; ++u) quant(u);
-        work(0, 1);
-    }
-#else
-    pool().run(nt, [&](int id) {
-        for (int64_t u = units * id / nt; u < units * (id + 1) / nt; ++u) quant(u);
-    });
-    pool().run(nt, [&](int id) { work(id, nt); });
-#endif
+    two_phase(nt, units, quant, work);
     return 0;
 }
 
@@ -1092,25 +1099,7 @@ static int gemm(const uint8_t* w, const uint16_t* scale, const int8_t* z2, const
             }
         }
     };
-#ifdef _OPENMP
-    if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-        {
-            const int id = omp_get_thread_num(), n = omp_get_num_threads();
-            for (int64_t u = units * id / n; u < units * (id + 1) / n; ++u) tables(u);
-#pragma omp barrier
-            work(id, n);
-        }
-    } else {
-        for (int64_t u = 0; u < units; ++u) tables(u);
-        work(0, 1);
-    }
-#else
-    pool().run(nt, [&](int id) {
-        for (int64_t u = units * id / nt; u < units * (id + 1) / nt; ++u) tables(u);
-    });
-    pool().run(nt, [&](int id) { work(id, nt); });
-#endif
+    two_phase(nt, units, tables, work);
     return 0;
 }
 
