@@ -140,6 +140,21 @@ Pool& pool() {
 }
 #endif
 
+// work(id, n) on nt threads (one parallel region).
+template <class Work>
+void one_phase(int nt, Work& work) {
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        work(omp_get_thread_num(), omp_get_num_threads());
+    } else {
+        work(0, 1);
+    }
+#else
+    pool().run(nt, [&](int id) { work(id, nt); });
+#endif
+}
+
 // On nt threads: first the units 0..units-1 of per-token preparation (tables, rounded activations)
 // shared out, then, after a barrier, work(id, n) — one parallel region for both.
 template <class Prep, class Work>
@@ -1162,16 +1177,7 @@ int ws_i8_gemm(const int8_t* w, const float* scale, const float* bias, const flo
         else
             i8_rows(isa, w, scale, bias, x, y, M, 64 * c0, r1, N, K);
     };
-#ifdef _OPENMP
-    if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-        work(omp_get_thread_num(), omp_get_num_threads());
-    } else {
-        work(0, 1);
-    }
-#else
-    pool().run(nt, [&](int id) { work(id, nt); });
-#endif
+    one_phase(nt, work);
     return vnni ? 1 : 0;
 }
 
@@ -1230,16 +1236,7 @@ int ws_i8_gemm_tiles(const uint8_t* wt, const float* scale, const float* bias, c
             }
         }
     };
-#ifdef _OPENMP
-    if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-        work(omp_get_thread_num(), omp_get_num_threads());
-    } else {
-        work(0, 1);
-    }
-#else
-    pool().run(nt, [&](int id) { work(id, nt); });
-#endif
+    one_phase(nt, work);
     return 0;
 }
 
