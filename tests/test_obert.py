@@ -161,8 +161,10 @@ def test_loss_below_magnitude_gradual_and_window_grads(pico_lm, tmp_path):
     gm = dict(g.named_modules())
     for n, m in layers.items():
         mine, theirs = get_weight(gm[n]), get_weight(m)
-        # the same masks up to near-ties that the two Fisher sums (2 vs 4 windows per chunk) round apart (measured ≥ 99.7 %)
-        assert float(((mine == 0) == (theirs == 0)).float().mean()) > 0.995, n
+        # the same masks up to near-ties that the two Fisher sums (2 vs 4 windows per chunk) round apart (measured ≥ 99.7 %
+        # on an AVX-512 CPU, 99.41 % for one layer on an AVX2-only one, whose float sums round differently; unrelated masks
+        # of the same density agree on about 52 %)
+        assert float(((mine == 0) == (theirs == 0)).float().mean()) > 0.99, n
     assert _loss(g, ids) == pytest.approx(lg, abs=1e-3)  # measured 2.74438 vs 2.74443 in memory; one-shot 2.771
     row = next(r for r in rep3["layers"] if r["name"] == L0 + "mlp.up_proj")
     assert row["measured_density"] == pytest.approx(0.4, abs=1e-3)
