@@ -105,6 +105,34 @@ def pico_lm(tmp_path_factory):
     return path
 
 
+def test_gradient_pass_stops_at_the_lowest_watched_block(pico_lm):
+    """The whole-model gradient pass differentiates from the lowest block it watches: watching block 1
+    alone, block 0's layers build no graph, and block 1's output gradients equal those of a pass that
+    watches every block (the backward below block 1 is work that changes nothing above it)."""
+    from weightsmith.engine.fisher import gradient_pass
+
+    ids = calib_ids(4, 32)
+    lm = LazyModel(CheckpointSource(pico_lm))
+    names1 = [l.name for l in lm.layers(1)]
+    names_all = [l.name for i in range(len(lm.blocks)) for l in lm.layers(i)]
+
+    def collect(names):
+        got, graph0 = {}, []
+        h = lm.blocks[0].register_forward_hook(lambda _m, _i, out: graph0.append((out[0] if isinstance(out, tuple) else out).requires_grad))
+        try:
+            gradient_pass(lm, ids, names, lambda n, x, dy: got.setdefault(n, []).append(dy), chunk=2, progress=False)
+        finally:
+            h.remove()
+        return {n: torch.cat(v) for n, v in got.items()}, graph0
+
+    one, graph_one = collect(names1)
+    every, graph_every = collect(names_all)
+    assert set(one) == set(names1) and set(every) == set(names_all)
+    assert graph_one == [False, False] and graph_every == [True, True]  # two chunks each
+    for n in names1:
+        assert torch.allclose(one[n], every[n], rtol=1e-5, atol=1e-8), n
+
+
 def test_loss_below_magnitude_gradual_and_window_grads(pico_lm, tmp_path):
     """On the (briefly trained) pico Llama: oBERT at 60 % (B = 32, the Fisher from 32 windows) raises the
     calibration loss less than magnitude pruning at the same sparsity, and gradual (3 cubic rounds, the

@@ -140,8 +140,12 @@ def gradient_pass(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], cons
 
     for n in layer_names:
         hooks.append(mods[n].register_forward_hook(watch(n)))
-    emb = model.get_input_embeddings()
-    hooks.append(emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)))
+    first = _first_block(lm, layer_names)
+    if first is None:  # a watched layer outside the blocks: differentiate from the embeddings up
+        emb = model.get_input_embeddings()
+        hooks.append(emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)))
+    else:  # from the lowest watched block's input up: the backward stops there (the same gradients, less work)
+        hooks.append(lm.blocks[first].register_forward_pre_hook(_grad_from_here, with_kwargs=True))
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -179,6 +183,27 @@ def gradient_pass(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], cons
             lm.unload_block(i)
         lm.unload_outside()
     return tokens
+
+
+def _first_block(lm: LazyModel, layer_names: list[str]) -> int | None:
+    """The lowest block holding a watched layer, or None if one lies outside every block."""
+    lo = None
+    for n in layer_names:
+        i = next((i for i in range(len(lm.blocks)) if n.startswith(lm.block_prefix(i))), None)
+        if i is None:
+            return None
+        lo = i if lo is None else min(lo, i)
+    return lo
+
+
+def _grad_from_here(_m, args, kwargs):
+    """Forward pre-hook: the block's hidden-state input (first positional, or ``hidden_states``) made a leaf
+    that requires grad, so the graph — and the backward — begins at this block."""
+    if args and torch.is_tensor(args[0]) and args[0].is_floating_point():
+        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+    if torch.is_tensor(kwargs.get("hidden_states")):
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
+    raise WeightsmithError("gradient pass: a block's hidden-state input is neither its first argument nor hidden_states")
 
 
 def model_kind_of(lm: LazyModel) -> str:
@@ -280,7 +305,7 @@ def block_fisher(lm: LazyModel, ids: torch.Tensor, layer_names: list[str], block
 
         gradient_pass(lm, ids, names, consume, chunk, progress, per_window_mean=True,
                       desc=f"{desc} {k + 1}/{len(passes)}" if spill else desc, weights=weights)
-        out = {n: acc[n] / m for n in names if n in acc}
+        out = {n: acc[n].div_(m) for n in names if n in acc}  # in place: one copy of the pass in memory, not two
         _finite(out, "block Fisher")
         if spill:
             from safetensors.torch import save_file

@@ -668,15 +668,22 @@ bool have_vnni() {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
 }
 
-// a1, a2: K bytes rounded up to 64, the tail zero (masked weight loads zero it anyway); t1, t2: Σ a1, Σ a2.
-bool i8_quantize_token(const float* x, int64_t K, int8_t* a1, int8_t* a2, float* s1, float* s2, int64_t* t1, int64_t* t2) {
-    float amax = 0.0f;
-    bool finite = true;  // a NaN fails every comparison: checked on its own
-    for (int64_t k = 0; k < K; ++k) {
-        amax = std::fabs(x[k]) > amax ? std::fabs(x[k]) : amax;
+// max |x[k]| of n values into *amax; false if any is not finite (a NaN fails every comparison: checked on its own)
+bool finite_absmax(const float* x, int64_t n, float* amax) {
+    float m = 0.0f;
+    bool finite = true;
+    for (int64_t k = 0; k < n; ++k) {
+        m = std::fabs(x[k]) > m ? std::fabs(x[k]) : m;
         finite = finite && std::isfinite(x[k]);
     }
-    if (!finite) return false;
+    *amax = m;
+    return finite;
+}
+
+// a1, a2: K bytes rounded up to 64, the tail zero (masked weight loads zero it anyway); t1, t2: Σ a1, Σ a2.
+bool i8_quantize_token(const float* x, int64_t K, int8_t* a1, int8_t* a2, float* s1, float* s2, int64_t* t1, int64_t* t2) {
+    float amax;
+    if (!finite_absmax(x, K, &amax)) return false;
     *s1 = amax > 0.0f ? amax / 127.0f : 1.0f;
     *s2 = *s1 / 254.0f;
     const float i1 = 1.0f / *s1, i2 = 1.0f / *s2;
@@ -813,13 +820,8 @@ bool dot_quantize_groups(const float* x, const int32_t* perm, int64_t G, int pas
             const int64_t c = g * G + k;
             xg[k] = perm ? (perm[c] >= 0 ? x[perm[c]] : 0.0f) : x[c];
         }
-        float amax = 0.0f;
-        bool finite = true;  // a NaN fails every comparison: checked on its own
-        for (int64_t k = 0; k < G; ++k) {
-            amax = std::fabs(xg[k]) > amax ? std::fabs(xg[k]) : amax;
-            finite = finite && std::isfinite(xg[k]);
-        }
-        if (!finite) return false;
+        float amax;
+        if (!finite_absmax(xg, G, &amax)) return false;
         const float a = amax > 0.0f ? amax / 127.0f : 1.0f, b = a / 254.0f;
         const float ia = 1.0f / a, ib = 1.0f / b;
         int32_t t1 = 0, t2 = 0;
