@@ -16,7 +16,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
 
 
 def load(path: str) -> dict[str, dict]:
@@ -74,11 +75,10 @@ def main(argv=None) -> int:
     text = ("## By layer kind\n\n" + markdown(by_kind, names, "kind") + "\n\n## By block\n\n" + markdown(by_block, names, "block") + "\n")
     print(text)
     if a.out:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{a.out}.md").write_text(f"# Per-layer errors: {', '.join(names)}\n\nRuns: {', '.join(a.runs)}\n"
-                                             f"(relative output error ‖ΔW X‖²/‖W X‖² on the quantized-path inputs; "
-                                             f"`python bench/layer_errors.py {' '.join(sys.argv[1:])}`)\n\n" + text)
-        (RESULTS / f"{a.out}.json").write_text(json.dumps({"names": names, "runs": a.runs, "by_kind": by_kind, "by_block": by_block}, indent=1))
+        write_results(a.out, {"names": names, "runs": a.runs, "by_kind": by_kind, "by_block": by_block},
+                      f"# Per-layer errors: {', '.join(names)}\n\nRuns: {', '.join(a.runs)}\n"
+                      f"(relative output error ‖ΔW X‖²/‖W X‖² on the quantized-path inputs; "
+                      f"`python bench/layer_errors.py {' '.join(sys.argv[1:])}`)\n\n" + text)
     return 0
 
 
